@@ -1,0 +1,29 @@
+"""fasterase: fast concept erasure for text-to-image diffusion models.
+
+    import fasterase
+    pipe = fasterase.load_pipeline()          # the built-in world
+    fasterase.erase("kpop", ["circle"], out="circle.safetensors")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_pipeline": "fasterase.models.loading",
+    "erase": "fasterase.api",
+    "generate": "fasterase.api",
+    "evaluate": "fasterase.api",
+    "load_edited": "fasterase.api",
+    "UserError": "fasterase.errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `import fasterase` (and the CLI's --help) stays fast.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fasterase' has no attribute {name!r}")

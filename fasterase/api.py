@@ -1,0 +1,196 @@
+"""The Python API: erase, generate and evaluate, the same operations the CLI runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import make_config, preset as load_preset, read_yaml
+from .edits import Edit, EditMetadata, apply_edit, load_edit, load_key, save_edit, save_key
+from .errors import UserError
+from .evaluation.grid import grid_image, save_png
+from .evaluation.report import plan_for, recognition, report, sample_concepts
+from .evaluation.sampling import SamplingConfig, generate as sample_images
+from .methods import Progress, get_method
+from .models.fingerprint import fingerprint
+from .models.loading import BUILTIN, load_pipeline, model_name
+from .models.text import check_concept
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def ensure_writable(path: Path) -> Path:
+    """Fails before any work is done when `path` cannot be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder")
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: folder {folder} is not writable")
+    return path
+
+
+def key_path_for(edit_path: Path) -> Path:
+    """KPOP's key goes beside the edit, in a file of its own."""
+    return edit_path.with_name(edit_path.name.removesuffix(".safetensors") + ".key.safetensors")
+
+
+@dataclass
+class EraseSummary:
+    edit: Path
+    key: Path | None
+    seconds: float
+    peak_memory_bytes: int
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def erase(
+    method: str,
+    concepts: list[str] | None = None,
+    *,
+    model: str | Path | None = None,
+    out: str | Path | None = None,
+    config: str | Path | None = None,
+    preset: str | None = None,
+    progress: Progress | None = None,
+    notify: Callable[[str], None] = lambda line: None,
+    **options: Any,
+) -> EraseSummary:
+    """Erases `concepts` from `model` (None: the built-in world) with `method`, and writes the edit
+    (and the key, for methods that have one). Options override the preset, then the YAML config."""
+    method_class = get_method(method)
+    layers = [load_preset(method, preset)] if preset else []
+    if config is not None:
+        layers.append(read_yaml(config))
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if concepts:
+        overrides["concepts"] = list(concepts)
+    cfg = make_config(method_class.config_class, *layers, overrides)
+    if not cfg.concepts:
+        raise UserError(f"{method} needs at least one concept to erase")
+    device = default_device()
+    if cfg.dtype != "float32" and device.type != "cuda":
+        notify(f"no GPU here: {cfg.dtype} runs in float32")
+        cfg.dtype = "float32"
+    out = ensure_writable(Path(out) if out else Path(f"{method}-{_slug(cfg.concepts)}.safetensors"))
+    pipe = load_pipeline(model, device=device)
+    for concept in cfg.concepts + cfg.preserve + [v for v in [getattr(cfg, "neutral", "")] if v]:
+        check_concept(pipe.tokenizer, concept)
+    base = fingerprint(pipe)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.time()
+    result = method_class().erase(pipe, cfg, progress)
+    seconds = time.time() - start
+    metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprint=base, base_model=model_name(model))
+    key = None
+    if result.key is not None:
+        key = key_path_for(out)
+        save_key(key, result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
+    save_edit(out, Edit(tensors=result.tensors, metadata=metadata))
+    return EraseSummary(out, key, seconds, _peak_memory(device), str(device))
+
+
+def _slug(concepts: list[str]) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(concepts).lower()).strip("-")[:60] or "concepts"
+
+
+def load_edited(model=None, edit: str | Path | None = None, device: torch.device | None = None):
+    """A pipeline with `edit` applied (refused if the edit was made for another base model)."""
+    pipe = load_pipeline(model, device=device or default_device())
+    if edit is not None:
+        loaded = load_edit(edit)
+        apply_edit(pipe, loaded, fingerprint(pipe))
+    return pipe
+
+
+def key_block(pipe, key: str | Path | None, base: str):
+    """A block in which the pipeline runs with a method's key in place; a no-op without a key."""
+    if key is None:
+        return contextlib.nullcontext()
+    tensors, metadata = load_key(key)
+    if metadata.get("base_fingerprint") != base:
+        raise UserError(f"the key {key} was made for another base model (fingerprint {metadata.get('base_fingerprint')}, this one is {base})")
+    return get_method(metadata["method"]).key_processors(pipe, tensors, metadata)
+
+
+def generate(
+    prompts: list[str],
+    *,
+    model=None,
+    edit=None,
+    key=None,
+    n: int = 8,
+    out: str | Path = "grid.png",
+    sampling: SamplingConfig = SamplingConfig(),
+) -> Path:
+    """Samples n images per prompt and writes them as a grid, one row per prompt."""
+    out = ensure_writable(Path(out))
+    pipe = load_pipeline(model, device=default_device())
+    base = fingerprint(pipe)
+    if edit is not None:
+        apply_edit(pipe, load_edit(edit), base)
+    with key_block(pipe, key, base):
+        images = sample_images(pipe, [p for p in prompts for _ in range(n)], sampling)
+    return save_png(grid_image([images[i * n : (i + 1) * n] for i in range(len(prompts))], prompts), out)
+
+
+def world_judge(model):
+    if model is not None and str(model) != BUILTIN:
+        raise UserError("evaluate has a classifier only for the built-in world; other models need a judge of their own")
+    from .toyworld.judge import WorldJudge
+
+    return WorldJudge()
+
+
+def evaluate(
+    edit: str | Path,
+    concepts: list[str] | None = None,
+    *,
+    preserve: list[str] | None = None,
+    model=None,
+    key=None,
+    n: int = 32,
+    grid: str | Path | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """ESR/PSR of the edited model and of its base on the same prompts and noise; see
+    `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated."""
+    loaded = load_edit(edit)
+    if grid is not None:
+        grid = ensure_writable(Path(grid))
+    judge = world_judge(model)
+    plan = plan_for(judge, list(concepts or loaded.metadata.concepts), preserve, n)
+    pipe = load_pipeline(model, device=default_device())
+    base = fingerprint(pipe)
+    original_images = sample_concepts(pipe, judge, plan, sampling, progress)
+    apply_edit(pipe, loaded, base)
+    with key_block(pipe, key, base):
+        edited_images = sample_concepts(pipe, judge, plan, sampling, progress)
+    result = report(plan, recognition(judge, original_images), recognition(judge, edited_images))
+    if grid is not None:
+        shown = plan.erased + plan.lookalikes + plan.preserved[:3]
+        rows = [np.concatenate([original_images[c][:6], edited_images[c][:6]]) for c in shown]
+        save_png(grid_image(rows, [f"{c} (before | after)" for c in shown]), grid)
+        result["grid"] = str(grid)
+    return result

@@ -1,0 +1,232 @@
+"""`fasterase erase / generate / evaluate / env / toyworld`: parses, runs, prints one-line errors.
+
+A UserError (bad input) prints `fasterase: error: ...` and exits 2 with no traceback. Reporting
+commands take --json and then print exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes get the same one-line error and exit status as any other bad input."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _cmd_erase(args) -> int:
+    from . import api
+
+    bar = None
+
+    def progress(step: int, total: int, losses: dict[str, float]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _progress_bar(total, f"{args.method}")
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
+
+    dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else None
+    try:
+        summary = api.erase(
+            args.method, args.concept, model=args.model, out=args.out, config=args.config, preset=args.preset,
+            progress=progress, notify=lambda line: print(f"fasterase: {line}", file=sys.stderr),
+            preserve=args.preserve, steps=args.steps, seed=args.seed, backend=args.backend, dtype=dtype,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    facts = {
+        "edit": str(summary.edit), "key": str(summary.key) if summary.key else None, "seconds": round(summary.seconds, 2),
+        "peak_memory_mb": round(summary.peak_memory_bytes / 2**20, 1), "device": summary.device,
+    }
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(f"erased {', '.join(args.concept or [])} with {args.method} in {facts['seconds']:.1f} s on {facts['device']}, peak memory {facts['peak_memory_mb']:.0f} MB")
+        print(f"edit: {summary.edit}")
+        if summary.key:
+            print(f"key (keep it private; it recovers the concept): {summary.key}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from . import api
+    from .evaluation.sampling import SamplingConfig
+
+    path = api.generate(
+        args.prompt, model=args.model, edit=args.edit, key=args.key, n=args.n, out=args.out,
+        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed),
+    )
+    print(json.dumps({"grid": str(path)}) if args.json else f"wrote {path}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from . import api
+    from .evaluation.report import format_table
+    from .evaluation.sampling import SamplingConfig
+
+    grid = args.grid or str(Path(args.edit).with_suffix("")) + ".eval.png"
+    result = api.evaluate(
+        args.edit, args.concept, preserve=args.preserve, model=args.model, key=args.key, n=args.n, grid=grid,
+        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed),
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+        print(f"grid: {result['grid']}")
+    return 0
+
+
+def _cmd_env(args) -> int:
+    import platform
+
+    import torch
+
+    from .kernels import backend_status
+
+    facts = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "backends": backend_status(),
+    }
+    for name in ("triton", "diffusers", "transformers", "peft", "safetensors"):
+        try:
+            facts[name] = __import__(name).__version__
+        except ImportError:
+            facts[name] = None
+    if args.json:
+        print(json.dumps(facts))
+        return 0
+    for key, value in facts.items():
+        if key != "backends":
+            print(f"{key:13}{value}")
+    for op, backends in facts["backends"].items():
+        for backend, status in backends.items():
+            print(f"{op} [{backend}]: {status}")
+    return 0
+
+
+def _cmd_toyworld_build(args) -> int:
+    from .toyworld.recipe import BuildConfig, build
+
+    start = time.time()
+    record = build(Path(args.out), BuildConfig(seed=args.seed), log=lambda line: print(line, file=sys.stderr))
+    record["total_seconds"] = time.time() - start
+    print(json.dumps(record) if args.json else f"built the world in {record['total_seconds']:.0f} s on {record['device']}: {args.out}")
+    return 0
+
+
+def _cmd_toyworld_report(args) -> int:
+    from .toyworld.report import format_report, world_report
+
+    result = world_report(model=args.model, n=args.n)
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per image")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    parser = _Parser(prog="fasterase", description="Erase concepts from text-to-image diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = "a diffusers folder, a .safetensors checkpoint or a hub id (default: the built-in world)"
+
+    p = sub.add_parser("erase", help="erase concepts and write an edit")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--concept", action="append", help="a concept to erase (repeat for several)")
+    p.add_argument("--preserve", action="append", help="a concept to keep (repeat for several)")
+    p.add_argument("--model", help=model_help)
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="compute in float16 on a GPU")
+    precision.add_argument("--bf16", action="store_true", help="compute in bfloat16 on a GPU")
+    p.add_argument("--steps", type=int, help="training steps (default: the method's)")
+    p.add_argument("--config", help="a YAML file of method options")
+    p.add_argument("--preset", help="a packaged preset, e.g. sd14 (the paper's settings)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="kernel backend (default auto)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="the edit file to write (default: METHOD-CONCEPTS.safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_cmd_erase)
+
+    p = sub.add_parser("generate", help="sample an image grid, optionally from an edited model")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--edit", help="an edit file to apply")
+    p.add_argument("--key", help="a key file (KPOP) that recovers the erased concepts")
+    p.add_argument("--n", type=int, default=8, help="images per prompt")
+    p.add_argument("--out", default="grid.png", help="the PNG to write")
+    _sampling_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_generate)
+
+    p = sub.add_parser("evaluate", help="ESR/PSR of an edit against its base model")
+    p.add_argument("--edit", required=True)
+    p.add_argument("--concept", action="append", help="erased concept (default: the edit's)")
+    p.add_argument("--preserve", action="append", help="preserved concept (default: the rest of the erased concept's family)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--key", help="evaluate with a KPOP key in place")
+    p.add_argument("--n", type=int, default=32, help="images per concept")
+    p.add_argument("--grid", help="before/after PNG (default: beside the edit)")
+    _sampling_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("env", help="versions, the GPU, and each kernel backend's status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_env)
+
+    p = sub.add_parser("toyworld", help="the built-in world")
+    world_sub = p.add_subparsers(dest="toyworld_command", required=True)
+    q = world_sub.add_parser("build", help="train the world's model and classifier (uses a GPU if there is one)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd_toyworld_build)
+    q = world_sub.add_parser("report", help="the world's quality bars: classifier accuracy, prompt-following, sampling time")
+    q.add_argument("--model", help="a world pipeline folder (default: the packaged one)")
+    q.add_argument("--n", type=int, default=32, help="images per shape")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd_toyworld_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"fasterase: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fasterase: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Method configs: dataclasses with help text and defaults, loadable from YAML, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def option(default, help: str):
+    """A dataclass field with help text; lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MethodConfig:
+    """Options every method shares."""
+
+    concepts: list[str] = option([], "concepts to erase")
+    preserve: list[str] = option([], "concepts whose generation must not change")
+    steps: int = option(100, "training steps")
+    seed: int = option(0, "random seed of sampling and training")
+    backend: str = option("auto", "kernel backend: auto, torch, triton or cuda")
+    dtype: str = option("float32", "compute dtype on a GPU: float32, float16 or bfloat16")
+
+    def __post_init__(self):
+        for name in ("concepts", "preserve"):
+            values = getattr(self, name)
+            if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+                raise UserError(f"{name} must be a list of strings")
+            if any(not v.strip() for v in values):
+                raise UserError(f"{name} must not contain an empty concept")
+        if self.steps < 1:
+            raise UserError(f"steps must be at least 1, not {self.steps}")
+        if self.backend not in ("auto", "torch", "triton", "cuda"):
+            raise UserError(f"backend must be auto, torch, triton or cuda, not {self.backend!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or a one-line UserError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config {path} is not valid YAML{where}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of option: value")
+    return data
+
+
+def preset(method: str, name: str) -> dict[str, Any]:
+    """The options of a packaged preset, e.g. ("kpop", "sd14")."""
+    path = resources.files("fasterase.presets") / f"{method}-{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.name[len(method) + 1 : -5] for p in resources.files("fasterase.presets").iterdir() if p.name.startswith(method + "-"))
+        raise UserError(f"no preset {name!r} for {method}; known: {', '.join(known) or 'none'}")
+    return read_yaml(Path(str(path)))
+
+
+def make_config(config_class: type[MethodConfig], *layers: dict[str, Any]):
+    """A config from option layers, later layers winning (e.g. preset, YAML file, command line)."""
+    known = {f.name: f for f in dataclasses.fields(config_class)}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise UserError(f"unknown option {key!r}; known options: {', '.join(known)}")
+            merged[key] = value
+    for key, value in merged.items():
+        expected = known[key].default if known[key].default is not dataclasses.MISSING else known[key].default_factory()
+        if isinstance(expected, bool) != isinstance(value, bool) or (
+            isinstance(expected, (int, float)) and not isinstance(value, (int, float))
+        ) or (isinstance(expected, str) and not isinstance(value, str)) or (isinstance(expected, list) and not isinstance(value, list)):
+            raise UserError(f"option {key!r} must be a {type(expected).__name__}, not {value!r}")
+        if isinstance(expected, float) and isinstance(value, int):
+            merged[key] = float(value)
+    return config_class(**merged)

@@ -1,0 +1,199 @@
+"""The edit file format: what an erasure changed, as safetensors with metadata, never pickle.
+
+An edit holds only the tensors an erasure changed, keyed "<component>.<name in that component's
+state_dict>" (e.g. "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"), and
+metadata saying how it was made and for which base model. KPOP's key, the learned prompt that
+recovers the erased concepts, is a file of its own with its own format tag, so that an edit can be
+released without it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import secrets
+import stat
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from fasterase.errors import UserError
+
+EDIT_FORMAT = "fasterase-edit"
+KEY_FORMAT = "fasterase-key"
+FORMAT_VERSION = "1"
+_FORMAT_TAGS = ("format", "format_version")
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("fasterase")
+    except importlib.metadata.PackageNotFoundError:
+        # run from a source tree that was never installed
+        return "0.0.0+local"
+
+
+@dataclass
+class EditMetadata:
+    """How an edit was made: `config` is the method's config as a JSON-able dict."""
+
+    method: str
+    concepts: list[str]
+    config: dict
+    base_fingerprint: str
+    base_model: str
+    version: str = field(default_factory=_library_version)
+
+
+@dataclass
+class Edit:
+    """`tensors`: "<component>.<state_dict name>" -> the new value of that tensor, any dtype."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: EditMetadata
+
+
+def _encode_metadata(format_tag: str, values: dict) -> dict[str, str]:
+    """safetensors metadata (str -> str): the format tags as plain strings, every value as JSON.
+
+    JSON for every value, strings included, so that str, list, dict and number values all come
+    back as they went in without the reader knowing their types.
+    """
+    return {
+        **{key: json.dumps(value) for key, value in values.items()},
+        "format": format_tag,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whole or not at all: into a temporary file beside `path`, then rename."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        try:
+            # Creating the file ourselves gives it the permissions the umask allows; safetensors'
+            # writer alone leaves 0600, which would hide a released edit from other users.
+            with open(temporary, "xb"):
+                pass
+            mode = stat.S_IMODE(temporary.stat().st_mode)
+            safetensors.torch.save_file(
+                {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()},
+                temporary,
+                metadata=metadata,
+            )
+            os.chmod(temporary, mode)
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def _load_tagged(path: Path, format_tag: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (on CPU) and decoded metadata of a safetensors file carrying `format_tag`."""
+    # safetensors' own errors for these name the path twice or, for a directory, "No such device"
+    if not path.is_file():
+        raise UserError(f"cannot read {path}: no such file")
+    try:
+        with safetensors.safe_open(path, framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            found = metadata.get("format")
+            if found != format_tag:
+                raise UserError(f"{path} is not a {format_tag} file (format tag: {found or 'none'})")
+            if metadata.get("format_version") != FORMAT_VERSION:
+                raise UserError(
+                    f"{path} has {format_tag} format version {metadata.get('format_version')};"
+                    f" this fasterase reads version {FORMAT_VERSION}"
+                )
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    except safetensors.SafetensorError as error:
+        raise UserError(f"{path} is not a safetensors file ({error})") from None
+    try:
+        values = {key: json.loads(text) for key, text in metadata.items() if key not in _FORMAT_TAGS}
+    except json.JSONDecodeError:
+        raise UserError(f"{path} has metadata that is not JSON") from None
+    return tensors, values
+
+
+def save_edit(path: str | os.PathLike, edit: Edit) -> None:
+    """Write `edit` to `path` (a .safetensors file), atomically. UserError if it cannot be written."""
+    _save_atomically(Path(path), edit.tensors, _encode_metadata(EDIT_FORMAT, asdict(edit.metadata)))
+
+
+def load_edit(path: str | os.PathLike) -> Edit:
+    """The edit at `path`. UserError if it is missing, not safetensors, or not a fasterase edit."""
+    tensors, values = _load_tagged(Path(path), EDIT_FORMAT)
+    names = [metadata_field.name for metadata_field in fields(EditMetadata)]
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise UserError(f"{path} lacks edit metadata: {', '.join(missing)}")
+    return Edit(tensors, EditMetadata(**{name: values[name] for name in names}))
+
+
+def apply_edit(pipe, edit: Edit, base_fingerprint: str) -> None:
+    """Copy the edit's tensors into `pipe`'s components, in place, in each target's dtype and device.
+
+    `base_fingerprint` is `fingerprint(pipe)` taken when the base model was loaded. UserError, with
+    `pipe` untouched, if the edit was made for another base model or names a tensor `pipe` lacks.
+    """
+    metadata = edit.metadata
+    if metadata.base_fingerprint != base_fingerprint:
+        raise UserError(
+            f"this edit was made for base model '{metadata.base_model}' (fingerprint"
+            f" {metadata.base_fingerprint}), not for this one (fingerprint {base_fingerprint})"
+        )
+    # Every target is looked up and checked before the first copy, so a bad edit changes nothing.
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    copies = []
+    for key, tensor in edit.tensors.items():
+        component, _, name = key.partition(".")
+        if component not in states:
+            module = getattr(pipe, component, None)
+            states[component] = module.state_dict(keep_vars=True) if isinstance(module, nn.Module) else {}
+        target = states[component].get(name)
+        if target is None:
+            raise UserError(f"this edit changes '{key}', which this model does not have")
+        if target.shape != tensor.shape:
+            raise UserError(
+                f"this edit's '{key}' has shape {tuple(tensor.shape)}, the model's {tuple(target.shape)}"
+            )
+        copies.append((target, tensor))
+    with torch.no_grad():
+        for target, tensor in copies:
+            target.copy_(tensor)
+
+
+def edit_from_modules(
+    modules: dict[str, nn.Module], names: dict[str, list[str]], metadata: EditMetadata
+) -> Edit:
+    """An Edit holding detached CPU copies of the named state_dict tensors of each component.
+
+    `modules` maps a component name ("unet", "text_encoder") to its module, `names` maps it to
+    names in that module's state_dict; the edit's keys are "<component>.<name>".
+    """
+    tensors = {}
+    for component, component_names in names.items():
+        state = modules[component].state_dict()
+        for name in component_names:
+            tensors[f"{component}.{name}"] = state[name].to("cpu", copy=True)
+    return Edit(tensors, metadata)
+
+
+def save_key(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str | list | dict]
+) -> None:
+    """Write a key (KPOP's learned prompt, which recovers erased concepts) to `path`, atomically."""
+    _save_atomically(Path(path), tensors, _encode_metadata(KEY_FORMAT, metadata))
+
+
+def load_key(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of the key at `path`. UserError if it is missing or not a fasterase key."""
+    return _load_tagged(Path(path), KEY_FORMAT)

@@ -1,0 +1,86 @@
+"""ESR and PSR of an edited model against its base, on the same prompts and the same noise.
+
+ESR-k: share of the erased concepts' images whose concept is NOT in the judge's top-k.
+PSR-k: share of the preserved concepts' images whose concept IS in the top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .judge import Judge
+from .sampling import SamplingConfig, generate
+
+
+@dataclass
+class EvaluationPlan:
+    erased: list[str]
+    preserved: list[str]
+    lookalikes: list[str] = field(default_factory=list)
+    n: int = 32  # images per concept
+
+    def concepts(self) -> list[str]:
+        return list(dict.fromkeys(self.erased + self.preserved + self.lookalikes))
+
+
+def plan_for(judge: Judge, erased: list[str], preserve: list[str] | None, n: int) -> EvaluationPlan:
+    """Without an explicit preservation list: every sibling of the erased concepts, with their
+    look-alikes reported on their own."""
+    for concept in erased + (preserve or []):
+        judge.check(concept)
+    lookalikes = [c for e in erased if (c := judge.lookalike(e)) and c not in erased]
+    if preserve is None:
+        preserve = [s for e in erased for s in judge.siblings(e) if s not in erased and s not in lookalikes]
+    return EvaluationPlan(erased, list(dict.fromkeys(preserve)), list(dict.fromkeys(lookalikes)), n)
+
+
+def recognition(judge: Judge, images: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """concept -> {"top1": rate, "top5": rate} for that concept's images."""
+    rates = {}
+    for concept, imgs in images.items():
+        top1, top5 = judge.recognised(imgs, concept)
+        rates[concept] = {"top1": float(top1.mean()), "top5": float(top5.mean())}
+    return rates
+
+
+def sample_concepts(pipe, judge: Judge, plan: EvaluationPlan, sampling: SamplingConfig, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    concepts = plan.concepts()
+    prompts = [p for c in concepts for p in judge.prompts(c, plan.n)]
+    images = generate(pipe, prompts, sampling, progress)
+    return {c: images[i * plan.n : (i + 1) * plan.n] for i, c in enumerate(concepts)}
+
+
+def scores(plan: EvaluationPlan, rates: dict[str, dict[str, float]]) -> dict[str, float]:
+    mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
+    return {
+        "esr1": mean([1 - rates[c]["top1"] for c in plan.erased]),
+        "esr5": mean([1 - rates[c]["top5"] for c in plan.erased]),
+        "psr1": mean([rates[c]["top1"] for c in plan.preserved]),
+        "psr5": mean([rates[c]["top5"] for c in plan.preserved]),
+    }
+
+
+def report(plan: EvaluationPlan, original: dict[str, dict[str, float]], edited: dict[str, dict[str, float]]) -> dict:
+    """The evaluation as one JSON-ready object: the edited model's scores at the top level, the
+    base model's under "original", look-alikes on their own, and per-concept detail."""
+    role = {c: "preserved" for c in plan.preserved} | {c: "lookalike" for c in plan.lookalikes} | {c: "erased" for c in plan.erased}
+    return {
+        **scores(plan, edited),
+        "original": scores(plan, original),
+        "lookalikes": {c: {"original_top1": original[c]["top1"], "edited_top1": edited[c]["top1"]} for c in plan.lookalikes},
+        "concepts": {c: {"role": role[c], "original": original[c], "edited": edited[c]} for c in plan.concepts()},
+        "images_per_concept": plan.n,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The report as a small text table."""
+    lines = [f"{'':10}{'ESR-1':>8}{'ESR-5':>8}{'PSR-1':>8}{'PSR-5':>8}"]
+    for name, s in (("original", result["original"]), ("edited", result)):
+        lines.append(f"{name:10}" + "".join(f"{s[k]:8.1%}" for k in ("esr1", "esr5", "psr1", "psr5")))
+    for concept, r in result["lookalikes"].items():
+        lines.append(f"look-alike {concept}: recognised {r['original_top1']:.1%} -> {r['edited_top1']:.1%} (top-1)")
+    return "\n".join(lines)

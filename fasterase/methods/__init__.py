@@ -1,0 +1,50 @@
+"""The registry of erasure methods: one class per method, each with its config dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+from ..config import MethodConfig
+from ..errors import UserError
+
+
+@dataclass
+class ErasureResult:
+    """What a method changed: tensors named "<component>.<parameter>", and optionally a key
+    (tensors kept out of the released edit, e.g. KPOP's prompt) with its metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    key: dict[str, torch.Tensor] | None = None
+    key_metadata: dict = field(default_factory=dict)
+
+
+# Called as progress(step, total, losses) every few steps; losses are Python floats.
+Progress = Callable[[int, int, dict[str, float]], None]
+
+
+class Method:
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def erase(self, pipe, cfg: MethodConfig, progress: Progress | None = None) -> ErasureResult:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+from . import kpop  # noqa: E402,F401  (registers itself)

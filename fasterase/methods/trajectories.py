@@ -1,0 +1,61 @@
+"""Training data drawn from the frozen model itself: noisy latents along its own sampling paths.
+
+ESD and KPOP train on x_t from the frozen model's trajectories under the concept's prompt. The bank
+samples those once, in batches, and stores every x_t with the frozen model's predictions that the
+losses need, so that a training step is a fixed-shape gather from it: no sampling inside the step,
+no host synchronisation, and any number of concepts, timesteps and samples per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.text import encode_prompts
+
+
+@dataclass
+class TrajectoryBank:
+    latents: torch.Tensor  # (N, C, h, w): x_t
+    timesteps: torch.Tensor  # (N,) long
+    prompt_index: torch.Tensor  # (N,) long, into the prompt lists the bank was built from
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+@torch.no_grad()
+def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 64) -> TrajectoryBank:
+    """DDIM trajectories of the frozen model, one per prompt, with every x_t kept."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps, device=pipe.device)
+    unet = pipe.unet
+    channels, size = unet.config.in_channels, unet.config.sample_size
+    generator = torch.Generator().manual_seed(seed)
+    cond = encode_prompts(pipe, prompts)
+    uncond = encode_prompts(pipe, [""])
+    latents, timesteps, index = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        c = cond[start : start + batch_size]
+        n = c.shape[0]
+        x = torch.randn((n, channels, size, size), generator=generator).to(pipe.device, unet.dtype) * scheduler.init_noise_sigma
+        context = torch.cat([uncond.expand(n, -1, -1), c])
+        for t in scheduler.timesteps:
+            latents.append(x)
+            timesteps.append(t.expand(n))
+            index.append(torch.arange(start, start + n, device=pipe.device))
+            eps_uncond, eps_cond = unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, context).sample.chunk(2)
+            x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+    return TrajectoryBank(torch.cat(latents), torch.cat(timesteps).long(), torch.cat(index))
+
+
+@torch.no_grad()
+def predict_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """The UNet's noise prediction for many (x_t, t, text) triples, in batches."""
+    return torch.cat([
+        unet(latents[i : i + batch_size], timesteps[i : i + batch_size], context[i : i + batch_size]).sample
+        for i in range(0, latents.shape[0], batch_size)
+    ])

@@ -1,0 +1,209 @@
+"""The edit and key file formats, applying an edit, and the base-model fingerprint."""
+
+import os
+import types
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from fasterase.edits import (
+    Edit,
+    EditMetadata,
+    apply_edit,
+    edit_from_modules,
+    load_edit,
+    load_key,
+    save_edit,
+    save_key,
+)
+from fasterase.errors import UserError
+from fasterase.models.fingerprint import fingerprint
+
+
+def tiny_pipe():
+    torch.manual_seed(0)
+    return types.SimpleNamespace(unet=nn.Linear(3, 2), text_encoder=nn.Linear(2, 2))
+
+
+def metadata_for(pipe) -> EditMetadata:
+    return EditMetadata(
+        method="uce",
+        concepts=["square", "van gogh"],
+        config={"steps": 3, "preserve": ["circle"], "lr": 1e-5},
+        base_fingerprint=fingerprint(pipe),
+        base_model="tiny",
+    )
+
+
+def test_edit_round_trip(tmp_path):
+    pipe = tiny_pipe()
+    edit = Edit(
+        tensors={"unet.weight": torch.randn(2, 3, dtype=torch.float16), "text_encoder.bias": torch.randn(2)},
+        metadata=metadata_for(pipe),
+    )
+    path = tmp_path / "edit.safetensors"
+    save_edit(path, edit)
+    loaded = load_edit(path)
+    assert loaded.metadata == edit.metadata
+    assert loaded.tensors.keys() == edit.tensors.keys()
+    for key, tensor in edit.tensors.items():
+        assert loaded.tensors[key].dtype == tensor.dtype
+        assert torch.equal(loaded.tensors[key], tensor)
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    def write_half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as file:
+            file.write(b"partial")
+        raise RuntimeError("interrupted")
+
+    path = tmp_path / "edit.safetensors"
+    path.write_bytes(b"previous edit")
+    monkeypatch.setattr(safetensors.torch, "save_file", write_half_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        save_edit(path, Edit({"unet.weight": torch.zeros(2, 3)}, metadata_for(tiny_pipe())))
+    assert os.listdir(tmp_path) == ["edit.safetensors"]
+    assert path.read_bytes() == b"previous edit"
+
+
+def test_written_file_has_the_permissions_of_a_new_file(tmp_path):
+    reference = tmp_path / "reference"
+    reference.touch()
+    path = tmp_path / "edit.safetensors"
+    save_edit(path, Edit({"unet.weight": torch.zeros(2, 3)}, metadata_for(tiny_pipe())))
+    assert path.stat().st_mode == reference.stat().st_mode
+
+
+@pytest.mark.parametrize("where", ["missing directory", "parent is a file"])
+def test_unusable_directory_is_a_user_error(tmp_path, where):
+    (tmp_path / "file").touch()
+    parent = tmp_path / ("missing" if where == "missing directory" else "file")
+    with pytest.raises(UserError, match="^cannot write .*edit.safetensors: "):
+        save_edit(parent / "edit.safetensors", Edit({}, metadata_for(tiny_pipe())))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_is_a_user_error(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="^cannot write .*: Permission denied$"):
+            save_edit(tmp_path / "edit.safetensors", Edit({}, metadata_for(tiny_pipe())))
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_unreadable_files_are_user_errors(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"weight": torch.zeros(2)}, plain)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a safetensors file")
+    key = tmp_path / "key.safetensors"
+    save_key(key, {"prompt": torch.zeros(2, 4)}, {"concepts": ["square"]})
+
+    for path, message in [
+        (tmp_path / "missing.safetensors", "^cannot read .*missing.safetensors: no such file$"),
+        (tmp_path, "^cannot read .*: no such file$"),
+        (garbage, "is not a safetensors file"),
+        (plain, r"is not a fasterase-edit file \(format tag: none\)$"),
+        (key, r"is not a fasterase-edit file \(format tag: fasterase-key\)$"),
+    ]:
+        with pytest.raises(UserError, match=message) as raised:
+            load_edit(path)
+        assert "\n" not in str(raised.value)
+
+
+def test_apply_edit_refuses_another_base_model():
+    pipe = tiny_pipe()
+    edit = Edit({"unet.weight": torch.zeros(2, 3)}, metadata_for(pipe))
+    before = pipe.unet.weight.detach().clone()
+    with pytest.raises(UserError, match="made for base model 'tiny' .*not for this one") as raised:
+        apply_edit(pipe, edit, base_fingerprint="0123456789abcdef")
+    assert "\n" not in str(raised.value)
+    assert torch.equal(pipe.unet.weight, before)
+
+
+def test_apply_edit_copies_into_the_right_parameters():
+    pipe = tiny_pipe()
+    pipe.text_encoder.half()
+    base_fingerprint = fingerprint(pipe)
+    new_weight = torch.randn(2, 3, dtype=torch.float64)
+    new_bias = torch.randn(2)
+    edit = Edit({"unet.weight": new_weight, "text_encoder.bias": new_bias}, metadata_for(pipe))
+    apply_edit(pipe, edit, base_fingerprint)
+    assert pipe.unet.weight.dtype == torch.float32
+    assert torch.equal(pipe.unet.weight, new_weight.float())
+    assert pipe.text_encoder.bias.dtype == torch.float16
+    assert torch.equal(pipe.text_encoder.bias, new_bias.half())
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"unet.no_such_weight": torch.zeros(2)}, "'unet.no_such_weight', which this model does not have"),
+        ({"vae.weight": torch.zeros(2)}, "'vae.weight', which this model does not have"),
+        ({"unet.bias": torch.zeros(2, 3)}, r"'unet.bias' has shape \(2, 3\), the model's \(2,\)"),
+    ],
+)
+def test_apply_edit_refuses_unknown_or_misshapen_tensors_and_changes_nothing(tensors, message):
+    pipe = tiny_pipe()
+    before = pipe.unet.weight.detach().clone()
+    edit = Edit({"unet.weight": torch.zeros(2, 3), **tensors}, metadata_for(pipe))
+    with pytest.raises(UserError, match=message):
+        apply_edit(pipe, edit, fingerprint(pipe))
+    assert torch.equal(pipe.unet.weight, before)
+
+
+def test_edit_from_modules_copies_named_tensors_to_cpu():
+    pipe = tiny_pipe()
+    edit = edit_from_modules(
+        {"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+        {"unet": ["weight"], "text_encoder": ["bias"]},
+        metadata_for(pipe),
+    )
+    assert edit.tensors.keys() == {"unet.weight", "text_encoder.bias"}
+    assert torch.equal(edit.tensors["unet.weight"], pipe.unet.weight)
+    assert not edit.tensors["unet.weight"].requires_grad
+    with torch.no_grad():
+        pipe.unet.weight.add_(1)
+    assert not torch.equal(edit.tensors["unet.weight"], pipe.unet.weight)
+
+
+def test_fingerprint_does_not_depend_on_the_load_dtype():
+    torch.manual_seed(0)
+    # large enough that casting values (not signs) would differ between float16 and bfloat16
+    pipe = types.SimpleNamespace(unet=nn.Linear(64, 64), text_encoder=nn.Linear(32, 16))
+    reference = fingerprint(pipe)
+    assert len(reference) == 16 and int(reference, 16) >= 0
+    for dtype in (torch.float16, torch.bfloat16):
+        cast = types.SimpleNamespace(
+            unet=nn.Linear(64, 64).to(dtype), text_encoder=nn.Linear(32, 16).to(dtype)
+        )
+        cast.unet.load_state_dict(pipe.unet.state_dict())
+        cast.text_encoder.load_state_dict(pipe.text_encoder.state_dict())
+        assert fingerprint(cast) == reference
+
+
+def test_fingerprint_changes_when_a_weight_changes_a_lot():
+    pipe = tiny_pipe()
+    reference = fingerprint(pipe)
+    with torch.no_grad():
+        pipe.text_encoder.weight[0, 0].neg_()
+    assert fingerprint(pipe) != reference
+
+
+def test_key_round_trip(tmp_path):
+    tensors = {"prompt": torch.randn(4, 8, dtype=torch.bfloat16)}
+    metadata = {"method": "kpop", "concepts": ["square"], "config": {"tokens": 4}}
+    path = tmp_path / "key.safetensors"
+    save_key(path, tensors, metadata)
+    loaded_tensors, loaded_metadata = load_key(path)
+    assert loaded_metadata == metadata
+    assert torch.equal(loaded_tensors["prompt"], tensors["prompt"])
+    assert loaded_tensors["prompt"].dtype == torch.bfloat16
+
+    edit_path = tmp_path / "edit.safetensors"
+    save_edit(edit_path, Edit({"unet.weight": torch.zeros(2, 3)}, metadata_for(tiny_pipe())))
+    with pytest.raises(UserError, match=r"is not a fasterase-key file \(format tag: fasterase-edit\)$"):
+        load_key(edit_path)
