@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import make_config, preset as load_preset, read_yaml
-from .edits import Edit, EditMetadata, apply_edit, load_edit, load_key, save_edit, save_key
+from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key
 from .errors import UserError
 from .evaluation.grid import grid_image, save_png
 from .evaluation.report import plan_for, recognition, report, sample_concepts
@@ -183,6 +183,7 @@ def evaluate(
     plan = plan_for(judge, list(concepts or loaded.metadata.concepts), preserve, n)
     pipe = load_pipeline(model, device=default_device())
     base = fingerprint(pipe)
+    check_edit(pipe, loaded, base)  # before minutes of sampling, not after
     original_images = sample_concepts(pipe, judge, plan, sampling, progress)
     apply_edit(pipe, loaded, base)
     with key_block(pipe, key, base):

@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    # transformers warns about optional packages (torchvision) that fasterase never uses.
+    transformers.utils.logging.set_verbosity_error()
     try:
         return args.run(args)
     except UserError as exc:

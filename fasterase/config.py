@@ -89,9 +89,9 @@ def make_config(config_class: type[MethodConfig], *layers: dict[str, Any]):
             merged[key] = value
     for key, value in merged.items():
         expected = known[key].default if known[key].default is not dataclasses.MISSING else known[key].default_factory()
-        if isinstance(expected, bool) != isinstance(value, bool) or (
-            isinstance(expected, (int, float)) and not isinstance(value, (int, float))
-        ) or (isinstance(expected, str) and not isinstance(value, str)) or (isinstance(expected, list) and not isinstance(value, list)):
+        # An int is a fine float; a float is not an int, and a bool is neither.
+        allowed = (int, float) if isinstance(expected, float) else type(expected)
+        if isinstance(value, bool) != isinstance(expected, bool) or not isinstance(value, allowed):
             raise UserError(f"option {key!r} must be a {type(expected).__name__}, not {value!r}")
         if isinstance(expected, float) and isinstance(value, int):
             merged[key] = float(value)

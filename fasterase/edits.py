@@ -138,11 +138,11 @@ def load_edit(path: str | os.PathLike) -> Edit:
     return Edit(tensors, EditMetadata(**{name: values[name] for name in names}))
 
 
-def apply_edit(pipe, edit: Edit, base_fingerprint: str) -> None:
-    """Copy the edit's tensors into `pipe`'s components, in place, in each target's dtype and device.
+def check_edit(pipe, edit: Edit, base_fingerprint: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (model tensor, edit tensor) pairs that applying `edit` to `pipe` would copy.
 
-    `base_fingerprint` is `fingerprint(pipe)` taken when the base model was loaded. UserError, with
-    `pipe` untouched, if the edit was made for another base model or names a tensor `pipe` lacks.
+    `base_fingerprint` is `fingerprint(pipe)` taken when the base model was loaded. UserError if the
+    edit was made for another base model or names a tensor `pipe` lacks or shapes differently.
     """
     metadata = edit.metadata
     if metadata.base_fingerprint != base_fingerprint:
@@ -150,9 +150,8 @@ def apply_edit(pipe, edit: Edit, base_fingerprint: str) -> None:
             f"this edit was made for base model '{metadata.base_model}' (fingerprint"
             f" {metadata.base_fingerprint}), not for this one (fingerprint {base_fingerprint})"
         )
-    # Every target is looked up and checked before the first copy, so a bad edit changes nothing.
     states: dict[str, dict[str, torch.Tensor]] = {}
-    copies = []
+    pairs = []
     for key, tensor in edit.tensors.items():
         component, _, name = key.partition(".")
         if component not in states:
@@ -165,9 +164,18 @@ def apply_edit(pipe, edit: Edit, base_fingerprint: str) -> None:
             raise UserError(
                 f"this edit's '{key}' has shape {tuple(tensor.shape)}, the model's {tuple(target.shape)}"
             )
-        copies.append((target, tensor))
+        pairs.append((target, tensor))
+    return pairs
+
+
+def apply_edit(pipe, edit: Edit, base_fingerprint: str) -> None:
+    """Copy the edit's tensors into `pipe`'s components, in place, in each target's dtype and device.
+
+    Every target is checked (`check_edit`) before the first copy, so a bad edit changes nothing.
+    """
+    pairs = check_edit(pipe, edit, base_fingerprint)
     with torch.no_grad():
-        for target, tensor in copies:
+        for target, tensor in pairs:
             target.copy_(tensor)
 
 

@@ -32,6 +32,11 @@ class Method:
     def erase(self, pipe, cfg: MethodConfig, progress: Progress | None = None) -> ErasureResult:
         raise NotImplementedError
 
+    @classmethod
+    def key_processors(cls, pipe, key: dict[str, torch.Tensor], metadata: dict, backend: str = "auto"):
+        """A block in which `pipe` runs with this method's key in place."""
+        raise UserError(f"{cls.name} edits have no key")
+
 
 METHODS: dict[str, type[Method]] = {}
 

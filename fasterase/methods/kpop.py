@@ -131,6 +131,8 @@ class KPOP(Method):
 
         try:
             with prompt_processors(unet, prompt, cfg.inject, cfg.backend):
+                if progress is not None:
+                    progress(0, cfg.steps, {})
                 for i in range(cfg.steps):
                     transfer, removal = step(schedule[i])
                     if progress is not None and ((i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps):

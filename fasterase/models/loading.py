@@ -16,6 +16,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _dtype_keyword() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); older releases know only
+    the old one."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def builtin_model_dir() -> Path:
     """The packaged built-in world's pipeline folder."""
     return Path(str(resources.files("fasterase.toyworld") / "weights" / "pipeline"))
@@ -35,12 +43,19 @@ def load_pipeline(model: str | Path | None = None, dtype: torch.dtype | str = to
     model: None or "builtin" (the built-in world), a diffusers folder, a single-file .safetensors
     checkpoint, or a hub id such as "org/name" (needs the network or the hub cache). Never unpickles.
     """
+    import diffusers
+    import transformers
     from diffusers import StableDiffusionPipeline
 
+    # Loading a small model should not draw progress bars over the command's own output.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    common = {_dtype_keyword(): dtype, "safety_checker": None, "requires_safety_checker": False}
     name = BUILTIN if model is None else str(model)
     path = builtin_model_dir() if name == BUILTIN else Path(name).expanduser()
+    if name == BUILTIN and not path.is_dir():
+        raise UserError(f"the built-in model is not installed at {path}; reinstall fasterase")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny random Stable Diffusion pipeline folder built with the world's recipe."""
+
+import os
+
+# Kernel tests run Triton's interpreter on the CPU; it reads this when triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A StableDiffusionPipeline folder (safetensors) with random weights, the world's tokenizer and
+    the built-in model's architecture."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from fasterase.toyworld.recipe import assemble_pipeline, make_unet, make_vae, text_encoder_config
+    from fasterase.toyworld.tokenizer import save_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    save_tokenizer(root / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(text_encoder_config(len(tokenizer)))
+    folder = root / "pipeline"
+    assemble_pipeline(make_unet(), text_encoder, tokenizer, make_vae()).save_pretrained(str(folder), safe_serialization=True)
+    return folder

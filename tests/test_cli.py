@@ -1,0 +1,85 @@
+"""Every kind of bad input gets one line on stderr, exit status 2, no traceback, no partial file."""
+
+from __future__ import annotations
+
+import pytest
+
+from fasterase.cli import main
+from fasterase.edits import Edit, EditMetadata, save_edit
+
+
+def run_failing(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("fasterase: error:"), err
+    return err
+
+
+def erase_argv(tmp_path, *extra: str) -> list[str]:
+    return ["erase", "--method", "kpop", "--steps", "1", "--out", str(tmp_path / "edit.safetensors"), *extra]
+
+
+def test_unknown_method(capsys, tmp_path):
+    err = run_failing(capsys, ["erase", "--method", "nope", "--concept", "circle", "--out", str(tmp_path / "e.safetensors")])
+    assert "unknown method 'nope'" in err and "kpop" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_method_is_a_usage_error(capsys):
+    run_failing(capsys, ["erase", "--concept", "circle"])
+
+
+@pytest.mark.parametrize("concepts", [[], ["--concept", ""], ["--concept", "   "]])
+def test_empty_concept(capsys, tmp_path, concepts):
+    err = run_failing(capsys, erase_argv(tmp_path, *concepts))
+    assert "concept" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_concept_the_tokenizer_cannot_represent(capsys, tmp_path):
+    err = run_failing(capsys, erase_argv(tmp_path, "--concept", "日本"))
+    assert "cannot represent" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_model_path(capsys, tmp_path):
+    err = run_failing(capsys, erase_argv(tmp_path, "--concept", "circle", "--model", str(tmp_path / "no-such-model")))
+    assert "does not exist" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_unwritable_output_path(capsys, tmp_path):
+    out = tmp_path / "no-such-folder" / "edit.safetensors"
+    err = run_failing(capsys, ["erase", "--method", "kpop", "--concept", "circle", "--out", str(out)])
+    assert "cannot write" in err
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("text", ["steps: [1, 2", "- just\n- a list\n", "no_such_option: 3\n", "steps: many\n"])
+def test_bad_yaml_config(capsys, tmp_path, text):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    run_failing(capsys, erase_argv(tmp_path, "--concept", "circle", "--config", str(config)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_edit_made_for_another_model(capsys, tmp_path):
+    edit = tmp_path / "foreign.safetensors"
+    save_edit(edit, Edit(tensors={}, metadata=EditMetadata(
+        method="kpop", concepts=["circle"], config={}, base_fingerprint="0" * 16, base_model="another-model")))
+    grid = tmp_path / "grid.png"
+    err = run_failing(capsys, ["generate", "--prompt", "a photo of a circle", "--edit", str(edit), "--out", str(grid)])
+    assert "another-model" in err
+    assert not grid.exists()
+    err = run_failing(capsys, ["evaluate", "--edit", str(edit), "--n", "1", "--grid", str(tmp_path / "eval.png")])
+    assert "another-model" in err
+    assert not (tmp_path / "eval.png").exists()
+
+
+def test_env_json(capsys):
+    import json
+
+    assert main(["env", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["backends"]["cross_attention"]["torch"] == "available"
