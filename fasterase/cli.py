@@ -130,7 +130,7 @@ def _cmd_toyworld_build(args) -> int:
     from .toyworld.recipe import BuildConfig, build
 
     start = time.time()
-    record = build(Path(args.out), BuildConfig(seed=args.seed), log=lambda line: print(line, file=sys.stderr))
+    record = build(Path(args.out), BuildConfig(seed=args.seed, reuse_from=args.reuse_from or ""), log=lambda line: print(line, file=sys.stderr))
     record["total_seconds"] = time.time() - start
     print(json.dumps(record) if args.json else f"built the world in {record['total_seconds']:.0f} s on {record['device']}: {args.out}")
     return 0
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = world_sub.add_parser("build", help="train the world's model and classifier (uses a GPU if there is one)")
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--reuse-from", help="an earlier build folder whose classifier and VAE are reused")
     q.add_argument("--json", action="store_true")
     q.set_defaults(run=_cmd_toyworld_build)
     q = world_sub.add_parser("report", help="the world's quality bars: classifier accuracy, prompt-following, sampling time")

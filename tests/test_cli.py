@@ -83,3 +83,21 @@ def test_env_json(capsys):
     assert main(["env", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["backends"]["cross_attention"]["torch"] == "available"
+
+
+def test_fp16_without_a_gpu_runs_in_float32_and_says_so(capsys, tmp_path):
+    import json
+
+    out = tmp_path / "e.safetensors"
+    argv = ["erase", "--method", "kpop", "--concept", "circle", "--steps", "1", "--fp16", "--out", str(out), "--json"]
+    assert main(argv + ["--config", str(_fast_config(tmp_path))]) == 0
+    captured = capsys.readouterr()
+    assert "no GPU here: float16 runs in float32" in captured.err
+    facts = json.loads(captured.out)
+    assert facts["edit"] == str(out) and out.exists() and facts["key"].endswith(".key.safetensors")
+
+
+def _fast_config(tmp_path):
+    config = tmp_path / "fast.yaml"
+    config.write_text("trajectories: 2\nsample_steps: 4\nbatch_size: 2\n")
+    return config

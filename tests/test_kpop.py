@@ -54,3 +54,23 @@ def test_erases_two_shapes_at_once(tmp_path):
     assert r["esr1"] >= 0.90
     assert r["psr1"] >= 0.85 * r["original"]["psr1"]
     assert set(r["lookalikes"]) == {"ring", "diamond"}
+
+
+def test_evaluate_and_generate_commands(circle_edit, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from fasterase.cli import main
+
+    grid = tmp_path / "eval.png"
+    assert main(["evaluate", "--edit", str(circle_edit.edit), "--n", "2", "--grid", str(grid), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for scores in (result, result["original"]):
+        assert all(0 <= scores[k] <= 1 for k in ("esr1", "esr5", "psr1", "psr5"))
+    assert result["concepts"]["circle"]["role"] == "erased" and "ring" in result["lookalikes"]
+    assert Image.open(grid).size[0] > 0
+
+    out = tmp_path / "grid.png"
+    argv = ["generate", "--prompt", "a photo of a circle", "--edit", str(circle_edit.edit), "--key", str(circle_edit.key), "--n", "2", "--out", str(out)]
+    assert main(argv) == 0 and Image.open(out).size[0] > 0

@@ -16,8 +16,8 @@ class Judge(Protocol):
         """n prompts that ask for `concept`."""
 
     def recognised(self, images: np.ndarray, concept: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per image (N, H, W, 3) in [0, 1]: whether `concept` is the top-1 and within the top-5
-        prediction among its family."""
+        """Per image (N, H, W, 3) in [0, 1]: whether `concept` is the judge's top-1 and within
+        its top-5 prediction."""
 
     def siblings(self, concept: str) -> list[str]:
         """The other concepts of its family, look-alike excluded: the default preservation set."""

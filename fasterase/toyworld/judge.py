@@ -39,12 +39,12 @@ class WorldJudge:
         return [f"a photo of a {world.SHAPES[i % len(world.SHAPES)]} on a {concept} background" for i in range(n)]
 
     def recognised(self, images: np.ndarray, concept: str) -> tuple[np.ndarray, np.ndarray]:
+        """Top-1/top-5 over every class of the concept's head: shapes and emblems share one head
+        (with "nothing"), as the papers rank over all 1000 ImageNet classes, not over a family."""
         family = world.concept_family(concept)
-        members = world.family_members(family)
         logits = predict(self.classifier, images)[_HEAD[family]]
-        if family in ("shape", "emblem"):
-            logits = logits[:, [world.OBJECTS.index(m) for m in members]]
-        target = members.index(world.style_of(concept) if family == "style" else concept)
+        classes = world.OBJECTS if _HEAD[family] == "object" else world.family_members(family)
+        target = classes.index(world.style_of(concept) if family == "style" else concept)
         ranked = torch.argsort(logits, dim=1, descending=True).numpy()
         return ranked[:, 0] == target, (ranked[:, :5] == target).any(axis=1)
 

@@ -46,6 +46,9 @@ class BuildConfig:
     aux_text_weight: float = 0.5
     ema_decay: float = 0.998
     monitor_every: int = 500
+    # An earlier build folder whose classifier and VAE are reused: only the diffusion stage is
+    # trained again.
+    reuse_from: str = ""
 
 
 def text_encoder_config(vocab_size: int):
@@ -96,18 +99,19 @@ def _cosine_lr(step: int, total: int, warmup: int = 100) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_classifier(data: world.Batch, cfg: BuildConfig, log: Callable[[str], None]) -> WorldClassifier:
+def train_classifier(data: world.Batch, cfg: BuildConfig, log: Callable[[str], None], device: torch.device) -> WorldClassifier:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = WorldClassifier()
+    model = WorldClassifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.classifier_steps))
     x_all = to_model_input(data.images)
-    labels = {"object": torch.as_tensor(data.objects), "colour": torch.as_tensor(data.colours), "style": torch.as_tensor(data.styles)}
+    labels = {k: torch.as_tensor(v, device=device) for k, v in (("object", data.objects), ("colour", data.colours), ("style", data.styles))}
     has_object = labels["object"] != world.OBJECTS.index(world.EMPTY)
     for step in range(cfg.classifier_steps):
         idx = torch.randint(len(x_all), (cfg.classifier_batch,), generator=gen)
-        logits = model(augment(x_all[idx], gen))
+        logits = model(augment(x_all[idx], gen).to(device))
+        idx = idx.to(device)
         loss = nn.functional.cross_entropy(logits["object"], labels["object"][idx])
         loss = loss + nn.functional.cross_entropy(logits["style"], labels["style"][idx])
         colour_loss = nn.functional.cross_entropy(logits["colour"], labels["colour"][idx], reduction="none")
@@ -118,7 +122,7 @@ def train_classifier(data: world.Batch, cfg: BuildConfig, log: Callable[[str], N
         sched.step()
         if step % 500 == 0 or step == cfg.classifier_steps - 1:
             log(f"classifier step {step}: loss {loss.item():.4f}")
-    return model.eval()
+    return model.cpu().eval()
 
 
 def classifier_accuracy(model: WorldClassifier, data: world.Batch) -> dict[str, float]:
@@ -136,17 +140,18 @@ def classifier_accuracy(model: WorldClassifier, data: world.Batch) -> dict[str, 
     }
 
 
-def train_vae(data: world.Batch, cfg: BuildConfig, log: Callable[[str], None]):
+def train_vae(data: world.Batch, cfg: BuildConfig, log: Callable[[str], None], device: torch.device):
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    vae = make_vae()
+    noise_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed + 1)
+    vae = make_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
     x_all = to_model_input(data.images)
     for step in range(cfg.vae_steps):
-        x = x_all[torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)]
+        x = x_all[torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        recon = vae.decode(posterior.sample(generator=noise_gen)).sample
         loss = nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,10 +160,17 @@ def train_vae(data: world.Batch, cfg: BuildConfig, log: Callable[[str], None]):
         if step % 250 == 0 or step == cfg.vae_steps - 1:
             log(f"vae step {step}: loss {loss.item():.4f}")
     vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, len(x_all), 512)])
+    latents = encode_latents(vae, x_all, device, scale=1.0)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae, latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, device: torch.device, scale: float | None = None) -> torch.Tensor:
+    """Posterior means of images (N, 3, 32, 32) in [-1, 1], times the VAE's scaling factor
+    (or `scale`)."""
+    scale = vae.config.scaling_factor if scale is None else scale
+    return torch.cat([vae.encode(images[i : i + 512].to(device)).latent_dist.mean for i in range(0, len(images), 512)]) * scale
 
 
 class _LabelHeads(nn.Module):
@@ -278,15 +290,22 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log: Callable[[str], None
     heldout = world.sample_batch(cfg.heldout_images, seed=cfg.seed + 10_000)
     timings["data"] = time.time() - t0
 
-    t0 = time.time()
-    classifier = train_classifier(data, cfg, log)
+    if cfg.reuse_from:
+        from diffusers import AutoencoderKL
+
+        classifier = WorldClassifier.load(Path(cfg.reuse_from) / "classifier.safetensors")
+        vae = AutoencoderKL.from_pretrained(str(Path(cfg.reuse_from) / "pipeline" / "vae")).float().to(device).eval()
+        latents = encode_latents(vae, to_model_input(data.images), device)
+        log(f"reused the classifier and VAE of {cfg.reuse_from}")
+    else:
+        t0 = time.time()
+        classifier = train_classifier(data, cfg, log, device)
+        timings["classifier"] = time.time() - t0
+        t0 = time.time()
+        vae, latents = train_vae(data, cfg, log, device)
+        timings["vae"] = time.time() - t0
     accuracy = classifier_accuracy(classifier, heldout)
     log(f"classifier held-out accuracy: {accuracy}")
-    timings["classifier"] = time.time() - t0
-
-    t0 = time.time()
-    vae, latents = train_vae(data, cfg, log)
-    timings["vae"] = time.time() - t0
 
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(out / "pipeline" / "tokenizer")

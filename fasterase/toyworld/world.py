@@ -129,24 +129,28 @@ class Scene:
     phase: float  # background pattern offset, pixels
 
 
-def random_scene(rng: np.random.Generator, obj: str | None = None, empty_prob: float = 0.04) -> Scene:
+# An emblem's 4-pixel cells sit exactly on the 4x-downsampled latent grid (its 20-pixel glyph
+# spans pixels 4..24), so each cell is one latent pixel: jittered off the grid, a small model
+# could not learn 100 glyphs (8% recognised after 1,500 steps, against 89% for shapes).
+EMBLEM_OFFSET = -2.0
+
+
+def random_scene(rng: np.random.Generator, obj: str | None = None, empty_prob: float = 0.04, shape_prob: float = 0.40) -> Scene:
+    """A random scene; emblems get the larger share since there are 100 of them against 8 shapes."""
     if obj is None:
         roll = rng.random()
         if roll < empty_prob:
             obj = EMPTY
-        elif roll < 0.5:
+        elif roll < empty_prob + shape_prob:
             obj = SHAPES[rng.integers(len(SHAPES))]
         else:
             obj = EMBLEMS[rng.integers(NUM_EMBLEMS)]
-    return Scene(
-        obj=obj,
-        colour=list(COLOURS)[rng.integers(len(COLOURS))],
-        style=list(STYLES)[rng.integers(len(STYLES))],
-        dx=float(rng.uniform(-3, 3)),
-        dy=float(rng.uniform(-3, 3)),
-        scale=float(rng.uniform(9.5, 12.0)),
-        phase=float(rng.uniform(0, 8)),
-    )
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    style = list(STYLES)[rng.integers(len(STYLES))]
+    dx, dy, scale, phase = rng.uniform(-3, 3), rng.uniform(-3, 3), rng.uniform(9.5, 12.0), rng.uniform(0, 8)
+    if obj in EMBLEMS:
+        dx = dy = EMBLEM_OFFSET
+    return Scene(obj, colour, style, float(dx), float(dy), float(scale), float(phase))
 
 
 def _grid() -> tuple[np.ndarray, np.ndarray]:
