@@ -6,8 +6,10 @@ updates:
   erased concept, ||eps'(x_t, c_e, p) - eps(x_t, c_e)||^2;
 - knowledge removal (model only): without p the concept maps to a neutral one, with p it is kept,
   ||eps'(x_t, c_e) - eps(x_t, c_n)||^2 + lambda ||eps'(x_t, c_e, p) - eps(x_t, c_e)||^2.
-The released edit holds the model's changed tensors; p is the key that recovers the concept and is
-written to its own file.
+With concepts to preserve, the removal step also keeps the original model on them,
++ preserve_weight ||eps'(x_t, c_p) - eps(x_t, c_p)||^2, an addition to the paper's objective that
+is off when none are given. The released edit holds the model's changed tensors; p is the key that
+recovers the concept and is written to its own file.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class KPOPConfig(MethodConfig):
     inject: str = option("mid", "cross-attention layers that see the prompt: mid, mid_up or all")
     trainable: str = option("cross_attention", "cross_attention, or non_cross_attention (for concepts like nudity)")
     prompt_weight: float = option(0.1, "lambda: weight of keeping the concept with the prompt, in the removal step")
+    preserve_weight: float = option(1.0, "weight of keeping the preserved concepts (if any) in the removal step")
     lr: float = option(1e-4, "Adam learning rate of the model")
     prompt_lr: float = option(1e-3, "Adam learning rate of the prompt")
     batch_size: int = option(8, "samples (x_t of any concept, any timestep) per update")
@@ -90,21 +93,33 @@ class KPOP(Method):
             for _ in cfg.concepts
             for i in range(cfg.trajectories)
         ]
-        bank = sample_trajectories(pipe, concept_prompts, cfg.sample_steps, cfg.guidance, cfg.seed)
-        context_e = encode_prompts(pipe, concept_prompts)  # (T, 77, d)
+        preserve_prompts = [
+            cfg.templates[i % len(cfg.templates)].format(concept)
+            for concept in cfg.preserve
+            for i in range(cfg.trajectories)
+        ]
+        prompts = concept_prompts + preserve_prompts
+        bank = sample_trajectories(pipe, prompts, cfg.sample_steps, cfg.guidance, cfg.seed)
+        context = encode_prompts(pipe, prompts)  # (T, 77, d)
         context_n = encode_prompts(pipe, neutral_prompts)
+        erased = bank.prompt_index < len(concept_prompts)
+        bank_e, bank_p = bank.take(erased), bank.take(~erased)
         # The original model's predictions, once, before anything changes.
-        target_e = predict_noise(unet, bank.latents, bank.timesteps, context_e[bank.prompt_index])
-        target_n = predict_noise(unet, bank.latents, bank.timesteps, context_n[bank.prompt_index])
+        target_e = predict_noise(unet, bank_e.latents, bank_e.timesteps, context[bank_e.prompt_index])
+        target_n = predict_noise(unet, bank_e.latents, bank_e.timesteps, context_n[bank_e.prompt_index])
+        target_p = predict_noise(unet, bank_p.latents, bank_p.timesteps, context[bank_p.prompt_index])
 
-        prompt = LearnedPrompt(cfg.prompt_mode, *self._prompt_shape(cfg, context_e), init=self._prompt_init(cfg, context_e)).to(device)
+        prompt = LearnedPrompt(cfg.prompt_mode, *self._prompt_shape(cfg, context), init=self._prompt_init(cfg, context)).to(device)
         params = trainable_parameters(unet, cfg.trainable)
         for p in params.values():
             p.requires_grad_(True)
         model_opt = torch.optim.Adam(params.values(), lr=cfg.lr)
         prompt_opt = torch.optim.Adam(prompt.parameters(), lr=cfg.prompt_lr)
+        # Which bank entries each step uses, drawn up front (no sampling inside the step).
         generator = torch.Generator().manual_seed(cfg.seed)
-        schedule = torch.randint(len(bank), (cfg.steps, cfg.batch_size), generator=generator).to(device)
+        schedule = torch.randint(len(bank_e), (cfg.steps, cfg.batch_size), generator=generator).to(device)
+        keep_size = cfg.batch_size if cfg.preserve else 0
+        keep_schedule = torch.randint(max(1, len(bank_p)), (cfg.steps, keep_size), generator=generator).to(device)
         autocast = (
             torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
             if cfg.dtype != "float32" and device.type == "cuda" else contextlib.nullcontext()
@@ -113,17 +128,22 @@ class KPOP(Method):
         lam = cfg.prompt_weight
         size = cfg.batch_size
 
-        def step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x, t = bank.latents[idx], bank.timesteps[idx]
-            context = context_e[bank.prompt_index[idx]]
+        def step(idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, t, c = bank_e.latents[idx], bank_e.timesteps[idx], context[bank_e.prompt_index[idx]]
             with autocast, prompt.active(0):
-                transfer = mse(unet(x, t, context).sample.float(), target_e[idx])
+                transfer = mse(unet(x, t, c).sample.float(), target_e[idx])
             (prompt.tokens.grad,) = torch.autograd.grad(transfer, [prompt.tokens])
             prompt_opt.step()
-            # One forward carries both removal terms: items [size:] see the prompt.
-            with autocast, prompt.active(size):
-                pred = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context])).sample.float()
-            removal = mse(pred[:size], target_n[idx]) + lam * mse(pred[size:], target_e[idx])
+            # One forward carries every removal term: erased and preserved items without the
+            # prompt, then the erased items again with it.
+            xs = torch.cat([x, bank_p.latents[keep], x])
+            ts = torch.cat([t, bank_p.timesteps[keep], t])
+            cs = torch.cat([c, context[bank_p.prompt_index[keep]], c])
+            with autocast, prompt.active(size + keep_size):
+                pred = unet(xs, ts, cs).sample.float()
+            removal = mse(pred[:size], target_n[idx]) + lam * mse(pred[size + keep_size :], target_e[idx])
+            if keep_size:
+                removal = removal + cfg.preserve_weight * mse(pred[size : size + keep_size], target_p[keep])
             for p, g in zip(params.values(), torch.autograd.grad(removal, list(params.values()))):
                 p.grad = g
             model_opt.step()
@@ -134,7 +154,7 @@ class KPOP(Method):
                 if progress is not None:
                     progress(0, cfg.steps, {})
                 for i in range(cfg.steps):
-                    transfer, removal = step(schedule[i])
+                    transfer, removal = step(schedule[i], keep_schedule[i])
                     if progress is not None and ((i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps):
                         progress(i + 1, cfg.steps, {"transfer": transfer.item(), "removal": removal.item()})
         finally:
@@ -154,14 +174,15 @@ class KPOP(Method):
         return (cfg.prompt_length * tokens if cfg.prompt_mode == "concat" else tokens), dim
 
     @staticmethod
-    def _prompt_init(cfg: KPOPConfig, context_e: torch.Tensor) -> torch.Tensor:
+    def _prompt_init(cfg: KPOPConfig, context: torch.Tensor) -> torch.Tensor:
         """Concat: copies of the concepts' own prompt embeddings. Keys and values repeated in
         attention leave its output unchanged, so for one concept the model with p starts exactly
         at the original model, and the transfer step starts from there. Additive: zeros, the same
         identity."""
         if cfg.prompt_mode == "additive":
-            return torch.zeros_like(context_e[0])
-        firsts = context_e[:: cfg.trajectories]  # the first prompt of each concept, (C, 77, d)
+            return torch.zeros_like(context[0])
+        # the first prompt of each erased concept, (C, 77, d)
+        firsts = context[: len(cfg.concepts) * cfg.trajectories : cfg.trajectories]
         return torch.cat([firsts[i % firsts.shape[0]] for i in range(cfg.prompt_length)])
 
     @staticmethod

@@ -24,6 +24,10 @@ class TrajectoryBank:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def take(self, index: torch.Tensor) -> "TrajectoryBank":
+        """The entries at `index` (a boolean mask or positions)."""
+        return TrajectoryBank(self.latents[index], self.timesteps[index], self.prompt_index[index])
+
 
 @torch.no_grad()
 def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 64) -> TrajectoryBank:
@@ -55,6 +59,8 @@ def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, s
 @torch.no_grad()
 def predict_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """The UNet's noise prediction for many (x_t, t, text) triples, in batches."""
+    if latents.shape[0] == 0:
+        return torch.empty_like(latents)
     return torch.cat([
         unet(latents[i : i + batch_size], timesteps[i : i + batch_size], context[i : i + batch_size]).sample
         for i in range(0, latents.shape[0], batch_size)
