@@ -4,10 +4,35 @@ brings it back. Each bar fails if the method does nothing (the base model draws 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fasterase import api
+from fasterase.config import make_config
+from fasterase.methods.kpop import KPOP, KPOPConfig
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"preserve": ["square"]},
+    {"prompt_mode": "additive", "inject": "all"},
+    {"trainable": "non_cross_attention", "inject": "mid_up"},
+])
+def test_kpop_changes_only_its_trainable_set(tiny_pipeline_dir, options):
+    from fasterase.models.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
+    cfg = make_config(KPOPConfig, {"concepts": ["circle", "ring"], "steps": 2, "trajectories": 2, "sample_steps": 2, "batch_size": 2, **options})
+    reports = []
+    result = KPOP().erase(pipe, cfg, progress=lambda step, total, losses: reports.append((step, total, losses)))
+    changed = {f"unet.{n}" for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(result.tensors)
+    cross = all(".attn2." in name for name in result.tensors)
+    assert cross == (options.get("trainable", "cross_attention") == "cross_attention")
+    tokens = result.key["prompt"]
+    assert tokens.shape == ((77 if "additive" in options.values() else 770), pipe.text_encoder.config.hidden_size)
+    assert reports[0][:2] == (0, 2) and reports[-1][0] == 2 and set(reports[-1][2]) == {"transfer", "removal"}
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +47,7 @@ def circle_report(circle_edit):
     return api.evaluate(circle_edit.edit, n=32)
 
 
+@pytest.mark.slow
 def test_erases_the_shape_and_keeps_the_others(circle_report):
     r = circle_report
     assert r["original"]["esr1"] <= 0.15, "the base model must draw circles for the test to mean anything"
@@ -31,6 +57,7 @@ def test_erases_the_shape_and_keeps_the_others(circle_report):
     assert "ring" not in [c for c, d in r["concepts"].items() if d["role"] == "preserved"]
 
 
+@pytest.mark.slow
 def test_writes_edit_and_key_separately(circle_edit):
     from fasterase.edits import load_edit, load_key
 
@@ -42,12 +69,14 @@ def test_writes_edit_and_key_separately(circle_edit):
     assert metadata["base_fingerprint"] == edit.metadata.base_fingerprint
 
 
+@pytest.mark.slow
 def test_the_key_recovers_the_concept(circle_edit, circle_report):
     with_key = api.evaluate(circle_edit.edit, n=32, preserve=[], key=circle_edit.key)
     original = circle_report["concepts"]["circle"]["original"]["top1"]
     assert with_key["concepts"]["circle"]["edited"]["top1"] >= 0.70 * original
 
 
+@pytest.mark.slow
 def test_erases_two_shapes_at_once(tmp_path):
     summary = api.erase("kpop", ["circle", "square"], out=tmp_path / "two.safetensors")
     r = api.evaluate(summary.edit, n=32)
@@ -56,6 +85,7 @@ def test_erases_two_shapes_at_once(tmp_path):
     assert set(r["lookalikes"]) == {"ring", "diamond"}
 
 
+@pytest.mark.slow
 def test_evaluate_and_generate_commands(circle_edit, tmp_path, capsys):
     import json
 
