@@ -19,7 +19,8 @@ class _Parser(argparse.ArgumentParser):
     """Usage mistakes get the same one-line error and exit status as any other bad input."""
 
     def error(self, message: str):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        command = self.prog.removeprefix("fasterase").strip()
+        print(f"fasterase: error: {command + ': ' if command else ''}{message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -218,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
+        return exc.code if isinstance(exc.code, int) else 2
     import transformers
 
     # transformers warns about optional packages (torchvision) that fasterase never uses.

@@ -56,7 +56,7 @@ def test_unwritable_output_path(capsys, tmp_path):
     assert not out.parent.exists()
 
 
-@pytest.mark.parametrize("text", ["steps: [1, 2", "- just\n- a list\n", "no_such_option: 3\n", "steps: many\n"])
+@pytest.mark.parametrize("text", ["steps: [1, 2", "- just\n- a list\n", "no_such_option: 3\n", "lr: many\n"])
 def test_bad_yaml_config(capsys, tmp_path, text):
     config = tmp_path / "bad.yaml"
     config.write_text(text)

@@ -36,13 +36,15 @@ class KPOPConfig(MethodConfig):
     neutral: str = option("", "the concept the erased one is mapped to; '' is the empty prompt")
     prompt_mode: str = option("concat", "'concat' (prompt tokens appended to the text keys) or 'additive'")
     prompt_length: int = option(10, "concat prompt length in multiples of the text context (k: k x 77 tokens)")
-    inject: str = option("mid", "cross-attention layers that see the prompt: mid, mid_up or all")
+    # The paper injects in SD's mid block (8x8x1280; preset sd14). The built-in world's mid block is
+    # 2x2x128: a prompt there recovered only 25-69% of the erased shape, against 88% from all layers.
+    inject: str = option("all", "cross-attention layers that see the prompt: mid, mid_up or all")
     trainable: str = option("cross_attention", "cross_attention, or non_cross_attention (for concepts like nudity)")
     prompt_weight: float = option(0.1, "lambda: weight of keeping the concept with the prompt, in the removal step")
     preserve_weight: float = option(1.0, "weight of keeping the preserved concepts (if any) in the removal step")
-    lr: float = option(1e-4, "Adam learning rate of the model")
-    prompt_lr: float = option(1e-3, "Adam learning rate of the prompt")
-    batch_size: int = option(8, "samples (x_t of any concept, any timestep) per update")
+    lr: float = option(2e-3, "Adam learning rate of the model (the paper's 1e-5 is for SD; preset sd14)")
+    prompt_lr: float = option(1e-2, "Adam learning rate of the prompt")
+    batch_size: int = option(8, "samples (x_t at any timestep) of each concept per update: a step carries every concept")
     trajectories: int = option(16, "sampled trajectories per concept that training draws x_t from")
     sample_steps: int = option(20, "DDIM steps of those trajectories")
     guidance: float = option(5.0, "classifier-free guidance of those trajectories")
@@ -115,9 +117,14 @@ class KPOP(Method):
             p.requires_grad_(True)
         model_opt = torch.optim.Adam(params.values(), lr=cfg.lr)
         prompt_opt = torch.optim.Adam(prompt.parameters(), lr=cfg.prompt_lr)
-        # Which bank entries each step uses, drawn up front (no sampling inside the step).
+        # Which bank entries each step uses, drawn up front (no sampling inside the step):
+        # batch_size entries of every erased concept, so that a step carries all of them.
         generator = torch.Generator().manual_seed(cfg.seed)
-        schedule = torch.randint(len(bank_e), (cfg.steps, cfg.batch_size), generator=generator).to(device)
+        by_concept = torch.stack([
+            torch.nonzero(bank_e.prompt_index // cfg.trajectories == k).flatten() for k in range(len(cfg.concepts))
+        ])  # (C, entries per concept)
+        picks = torch.randint(by_concept.shape[1], (cfg.steps, len(cfg.concepts), cfg.batch_size), generator=generator)
+        schedule = torch.gather(by_concept.cpu().expand(cfg.steps, -1, -1), 2, picks).flatten(1).to(device)
         keep_size = cfg.batch_size if cfg.preserve else 0
         keep_schedule = torch.randint(max(1, len(bank_p)), (cfg.steps, keep_size), generator=generator).to(device)
         autocast = (
@@ -126,7 +133,7 @@ class KPOP(Method):
         )
         mse = nn.functional.mse_loss
         lam = cfg.prompt_weight
-        size = cfg.batch_size
+        size = schedule.shape[1]
 
         def step(idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x, t, c = bank_e.latents[idx], bank_e.timesteps[idx], context[bank_e.prompt_index[idx]]
