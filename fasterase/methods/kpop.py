@@ -73,6 +73,11 @@ def trainable_parameters(unet, which: str) -> dict[str, nn.Parameter]:
     return {n: p for n, p in unet.named_parameters() if is_cross_attention(n) == (which == "cross_attention")}
 
 
+def _trajectory_prompts(cfg: KPOPConfig, concepts: list[str]) -> list[str]:
+    """One prompt per trajectory: `trajectories` per concept, cycling through the templates."""
+    return [cfg.templates[i % len(cfg.templates)].format(concept) for concept in concepts for i in range(cfg.trajectories)]
+
+
 def _neutral_prompt(template: str, neutral: str) -> str:
     return template.format(neutral) if neutral else ""
 
@@ -85,21 +90,13 @@ class KPOP(Method):
     def erase(self, pipe, cfg: KPOPConfig, progress: Progress | None = None) -> ErasureResult:
         unet, device = pipe.unet, pipe.device
         # Trajectory i uses concept i // trajectories and template i % len(templates).
-        concept_prompts = [
-            cfg.templates[i % len(cfg.templates)].format(concept)
-            for concept in cfg.concepts
-            for i in range(cfg.trajectories)
-        ]
+        concept_prompts = _trajectory_prompts(cfg, cfg.concepts)
         neutral_prompts = [
             _neutral_prompt(cfg.templates[i % len(cfg.templates)], cfg.neutral)
             for _ in cfg.concepts
             for i in range(cfg.trajectories)
         ]
-        preserve_prompts = [
-            cfg.templates[i % len(cfg.templates)].format(concept)
-            for concept in cfg.preserve
-            for i in range(cfg.trajectories)
-        ]
+        preserve_prompts = _trajectory_prompts(cfg, cfg.preserve)
         prompts = concept_prompts + preserve_prompts
         bank = sample_trajectories(pipe, prompts, cfg.sample_steps, cfg.guidance, cfg.seed)
         context = encode_prompts(pipe, prompts)  # (T, 77, d)
