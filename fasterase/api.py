@@ -93,7 +93,7 @@ def erase(
         cfg.dtype = "float32"
     out = ensure_writable(Path(out) if out else Path(f"{method}-{_slug(cfg.concepts)}.safetensors"))
     pipe = load_pipeline(model, device=device)
-    for concept in cfg.concepts + cfg.preserve + [v for v in [getattr(cfg, "neutral", "")] if v]:
+    for concept in cfg.prompt_concepts():
         check_concept(pipe.tokenizer, concept)
     base = fingerprint(pipe)
     if device.type == "cuda":

@@ -7,13 +7,15 @@ through `set_attn_processor` and restored when the `cross_attention_processors` 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import kernels
+from .kernels import AttentionStats, Capture
 
 # Where a learned prompt goes, by the names diffusers gives the UNet's attention layers.
 INJECTION_SITES = {
@@ -56,6 +58,38 @@ class LearnedPrompt(nn.Module):
 
 
 @dataclass
+class AttentionCapture:
+    """Watch the attention that image positions pay to chosen text tokens, in every cross-attention
+    layer of a UNet forward, without keeping attention matrices.
+
+    columns: (B, Mk) bool, the watched text tokens of each batch item (see `models.text.token_columns`).
+    masks: optional (B, 1, h, w) weights in [0, 1] over the image (the concept's pixels), resized
+        to each layer's query grid; the statistics then count only those positions.
+    stats: what each layer recorded, in call order; clear it before each forward.
+    """
+
+    columns: torch.Tensor
+    masks: torch.Tensor | None = None
+    maps: bool = False
+    stats: list[AttentionStats] = field(default_factory=list)
+
+    def request(self, queries: int) -> Capture:
+        """The kernel's capture request for a layer with `queries` image positions."""
+        return Capture(self.columns, None if self.masks is None else self._rows(queries), self.maps)
+
+    def _rows(self, queries: int) -> torch.Tensor:
+        height, width = self.masks.shape[-2:]
+        rows = round(math.sqrt(queries * height / width))
+        grid = nn.functional.interpolate(self.masks.float(), size=(rows, queries // rows), mode="area")
+        return grid.flatten(1)
+
+    def watched_sq(self) -> torch.Tensor:
+        """(B,): sum over layers and heads of the squared attention on the watched tokens, the
+        loss of attention re-steering (FMN) and of MACE's LoRAs."""
+        return torch.stack([s.watched_sq.sum(1) for s in self.stats]).sum(0)
+
+
+@dataclass
 class CrossAttentionProcessor:
     """Cross-attention through `fasterase.kernels.cross_attention`, optionally with a learned prompt.
 
@@ -64,6 +98,11 @@ class CrossAttentionProcessor:
 
     backend: str = "auto"
     prompt: LearnedPrompt | None = None
+    capture: AttentionCapture | None = None
+
+    def __post_init__(self):
+        if self.prompt is not None and self.capture is not None:
+            raise ValueError("a cross-attention layer either carries a learned prompt or captures statistics, not both")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if encoder_hidden_states is None:
@@ -97,6 +136,9 @@ class CrossAttentionProcessor:
                     q[start:], k[start:], v[start:], prompt_k=prompt_k, prompt_v=prompt_v, scale=attn.scale, backend=self.backend
                 ))
             out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        elif self.capture is not None:
+            out, stats = kernels.cross_attention(q, k, v, scale=attn.scale, capture=self.capture.request(q.shape[2]), backend=self.backend)
+            self.capture.stats.append(stats)
         else:
             out = kernels.cross_attention(q, k, v, scale=attn.scale, backend=self.backend)
         out = out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
@@ -131,6 +173,11 @@ def prompt_processors(unet, prompt: LearnedPrompt, inject: str, backend: str = "
     return cross_attention_processors(
         unet, lambda name: CrossAttentionProcessor(backend, prompt if name.startswith(sites) else None)
     )
+
+
+def capture_processors(unet, capture: AttentionCapture, backend: str = "auto"):
+    """The processors block in which every cross-attention layer records into `capture`."""
+    return cross_attention_processors(unet, lambda name: CrossAttentionProcessor(backend, capture=capture))
 
 
 def backend_processors(unet, backend: str):

@@ -30,6 +30,25 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
+def _parse_set(item: str) -> tuple[str, object]:
+    """"lr=1e-5" -> ("lr", 1e-05): the value is read as YAML, so numbers, lists and booleans work."""
+    import yaml
+
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise UserError(f"--set takes OPTION=VALUE, not {item!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {name}: {value!r} is not a valid value") from exc
+    if isinstance(parsed, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return name.strip(), parsed
+
+
 def _cmd_erase(args) -> int:
     from . import api
 
@@ -43,11 +62,13 @@ def _cmd_erase(args) -> int:
         bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
 
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else None
+    options = dict(_parse_set(item) for item in args.set)
     try:
         summary = api.erase(
             args.method, args.concept, model=args.model, out=args.out, config=args.config, preset=args.preset,
             progress=progress, notify=lambda line: print(f"fasterase: {line}", file=sys.stderr),
-            preserve=args.preserve, steps=args.steps, seed=args.seed, backend=args.backend, dtype=dtype,
+            **options, preserve=args.preserve, steps=args.steps, seed=args.seed, backend=args.backend, dtype=dtype,
+            images=args.images, masks=args.masks,
         )
     finally:
         if bar is not None:
@@ -171,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a packaged preset, e.g. sd14 (the paper's settings)")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="kernel backend (default auto)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--images", help="a folder of the concept's images (methods that learn from images; default: sampled from the model)")
+    p.add_argument("--masks", help="a folder of masks named like the images (white: the concept)")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="any method option (value read as YAML), e.g. --set lr=1e-5")
     p.add_argument("--out", help="the edit file to write (default: METHOD-CONCEPTS.safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_cmd_erase)

@@ -47,6 +47,11 @@ class MethodConfig:
         if self.dtype not in DTYPE_NAMES:
             raise UserError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
 
+    def prompt_concepts(self) -> list[str]:
+        """Every concept this config writes into a prompt; each is checked against the tokenizer
+        before any work starts. Methods with anchor or guide concepts add theirs."""
+        return self.concepts + self.preserve
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -1,19 +1,22 @@
 """fasterase's cross-attention processors in a real (tiny, random) UNet: equivalence with diffusers,
-restoring the original processors, and where and for which batch items a learned prompt acts."""
+restoring the original processors, where and for which batch items a learned prompt acts, and
+capturing the attention paid to a concept's tokens."""
 
 import pytest
 import torch
 
 from fasterase.attention import (
+    AttentionCapture,
     CrossAttentionProcessor,
     LearnedPrompt,
     backend_processors,
+    capture_processors,
     cross_attention_processors,
     is_cross_attention,
     prompt_processors,
 )
 from fasterase.models.loading import load_pipeline
-from fasterase.models.text import encode_prompts
+from fasterase.models.text import encode_prompts, token_columns
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -223,3 +226,53 @@ def test_processor_refuses_self_attention_and_masks(pipe):
         proc(attn, hidden, None)
     with pytest.raises(ValueError):
         proc(attn, hidden, torch.randn(1, 77, attn.to_k.in_features), attention_mask=torch.zeros(1, 4, 77))
+
+
+def circle_capture(pipe, masks=None) -> AttentionCapture:
+    prompts = ["a photo of a circle", "a blue square on a striped background"]
+    return AttentionCapture(token_columns(pipe.tokenizer, prompts, ["circle", "square"]), masks)
+
+
+def test_capture_leaves_the_output_unchanged(pipe, batch, baseline):
+    capture = circle_capture(pipe)
+    with capture_processors(pipe.unet, capture, "torch"):
+        out = forward(pipe.unet, batch)
+    torch.testing.assert_close(out, baseline, **TOL)
+    layers = [n for n in pipe.unet.attn_processors if is_cross_attention(n)]
+    assert len(capture.stats) == len(layers), "one record per cross-attention layer, none for self-attention"
+    assert capture.watched_sq().shape == (2,) and torch.all(capture.watched_sq() > 0)
+
+
+def test_capture_masks_restrict_the_rows(pipe, batch):
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, :, :16] = 1  # item 0: top half; item 1: nothing
+    full, half = circle_capture(pipe), circle_capture(pipe, masks)
+    with capture_processors(pipe.unet, full, "torch"), torch.no_grad():
+        pipe.unet(*batch)
+    with capture_processors(pipe.unet, half, "torch"), torch.no_grad():
+        pipe.unet(*batch)
+    assert half.watched_sq()[1] == 0
+    assert 0 < half.watched_sq()[0] < full.watched_sq()[0]
+    # Each row's probabilities sum to 1, so the column mass counts the rows: every layer's query
+    # grid saw half the rows of item 0.
+    for layer, (masked, whole) in enumerate(zip(half.stats, full.stats)):
+        torch.testing.assert_close(2 * masked.column_mass[0].sum(-1), whole.column_mass[0].sum(-1), msg=f"layer {layer}")
+
+
+def test_capture_loss_trains_cross_attention(pipe, batch):
+    capture = circle_capture(pipe)
+    to_k = next(p for n, p in pipe.unet.named_parameters() if n.endswith("attn2.to_k.weight"))
+    to_k.requires_grad_(True)
+    try:
+        with capture_processors(pipe.unet, capture, "torch"):
+            pipe.unet(*batch)
+        (grad,) = torch.autograd.grad(capture.watched_sq().sum(), [to_k])
+    finally:
+        to_k.requires_grad_(False)
+    assert grad.abs().sum() > 0
+
+
+def test_a_layer_cannot_both_carry_a_prompt_and_capture(pipe):
+    prompt = LearnedPrompt("concat", 77, pipe.text_encoder.config.hidden_size)
+    with pytest.raises(ValueError):
+        CrossAttentionProcessor("torch", prompt, circle_capture(pipe))

@@ -29,3 +29,27 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Ten
         ).input_ids.to(pipe.text_encoder.device)
         states.append(pipe.text_encoder(ids)[0])
     return torch.cat(states)
+
+
+def token_columns(tokenizer, prompts: list[str], concepts: list[str], include_end: bool = False) -> torch.Tensor:
+    """(N, 77) bool: the text-key columns of each prompt that hold its concept's sub-tokens.
+
+    prompts[i] must contain concepts[i]. With include_end, every position from the first
+    end-of-text token on is marked too: on SD1.x and the built-in world the padding is the
+    end-of-text token, and the text encoder spreads the caption into those positions, so the
+    concept lives there as well (the reference Forget-Me-Not's "pooler" option, extended to the
+    padding).
+    """
+    length = tokenizer.model_max_length
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    columns = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for row, (prompt_ids, concept) in enumerate(zip(ids.tolist(), concepts)):
+        word = tokenizer(concept, add_special_tokens=False).input_ids
+        starts = [i for i in range(length - len(word) + 1) if prompt_ids[i : i + len(word)] == word]
+        if not starts:
+            raise UserError(f"the prompt {prompts[row]!r} does not contain the concept {concept!r} as the tokenizer splits it")
+        for start in starts:
+            columns[row, start : start + len(word)] = True
+        if include_end:
+            columns[row, prompt_ids.index(tokenizer.eos_token_id) :] = True
+    return columns

@@ -7,6 +7,7 @@ from fasterase.errors import UserError
 from fasterase.kernels import (
     BACKEND_NAMES,
     BackendUnavailable,
+    Capture,
     backend_status,
     cross_attention,
     cross_attention_reference,
@@ -69,6 +70,93 @@ def test_duplicated_keys_do_not_change_attention():
     q, k, v = q[:1], k[:1], v[:1]
     out = cross_attention_reference(q, k, v, k[0].repeat(1, 3, 1), v[0].repeat(1, 3, 1))
     torch.testing.assert_close(out, cross_attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def probs64(q, k, prompt_k=None, scale=None):
+    """The attention matrix in float64, by hand: (B, H, Mq, Mk [+ Mp])."""
+    q, k = q.double(), k.double()
+    if prompt_k is not None:
+        k = torch.cat([k, prompt_k.double().unsqueeze(0).expand(q.shape[0], -1, -1, -1)], dim=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * scale, dim=-1)
+
+
+def watched_columns() -> torch.Tensor:
+    """Different watched columns per item, as SD prompts put the concept in different places."""
+    columns = torch.zeros(B, MK, dtype=torch.bool)
+    columns[0, [5, 6]] = True
+    columns[1, [2, 40, 76]] = True
+    return columns
+
+
+def row_weights() -> torch.Tensor:
+    rows = torch.zeros(B, MQ)
+    rows[0, :20] = 1
+    rows[1] = torch.linspace(0, 1, MQ)
+    return rows
+
+
+@pytest.mark.parametrize("prompt", [False, True])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_capture_statistics(prompt, with_rows):
+    q, k, v, pk, pv = inputs(40, prompt, seed=9)
+    columns, rows = watched_columns(), row_weights() if with_rows else None
+    out, stats = cross_attention(q, k, v, prompt_k=pk, prompt_v=pv, capture=Capture(columns, rows), backend="torch")
+    torch.testing.assert_close(out, cross_attention_reference(q, k, v, pk, pv))
+    text = probs64(q, k, pk)[..., :MK]  # prompt columns are never watched
+    weights = (torch.ones(B, MQ) if rows is None else rows).double()[:, None, :, None]
+    column_mass = (text * weights).sum(2)
+    column_sq = (text.square() * weights).sum(2)
+    watched_sq = (column_sq * columns[:, None, :]).sum(-1)
+    for name, got, expected in (("column_mass", stats.column_mass, column_mass), ("column_sq", stats.column_sq, column_sq), ("watched_sq", stats.watched_sq, watched_sq)):
+        assert got.dtype == torch.float32 and got.shape == expected.shape, name
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert stats.maps is None
+
+
+def test_capture_maps_by_column_index():
+    q, k, v, _, _ = inputs(40, prompt=False, seed=10)
+    index = torch.tensor([[5, 6, -1], [2, 40, 76]])
+    _, stats = cross_attention(q, k, v, capture=Capture(index, maps=True), backend="torch")
+    text = probs64(q, k)
+    assert stats.maps.shape == (B, H, MQ, 3)
+    torch.testing.assert_close(stats.maps[0, :, :, :2].double(), text[0, :, :, [5, 6]])
+    assert torch.all(stats.maps[0, :, :, 2] == 0), "an unused slot holds zeros"
+    torch.testing.assert_close(stats.maps[1].double(), text[1][..., [2, 40, 76]])
+    # Indices and the boolean mask watch the same columns.
+    _, by_mask = cross_attention(q, k, v, capture=Capture(watched_columns()), backend="torch")
+    torch.testing.assert_close(stats.watched_sq, by_mask.watched_sq)
+
+
+@pytest.mark.parametrize("prompt", [False, True])
+def test_gradients_flow_through_the_statistics(prompt):
+    q, k, v, pk, pv = inputs(40, prompt, seed=11, requires_grad=True)
+    leaves = [t for t in (q, k, pk) if t is not None]
+    columns, rows = watched_columns(), row_weights()
+    _, stats = cross_attention(q, k, v, prompt_k=pk, prompt_v=pv, capture=Capture(columns, rows), backend="torch")
+    loss = stats.watched_sq.sum() + 0.5 * stats.column_mass[..., 3].sum()
+    grads = torch.autograd.grad(loss, leaves)
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    text = probs64(leaves64[0], leaves64[1], leaves64[2] if prompt else None)[..., :MK]
+    weights = rows.double()[:, None, :, None]
+    loss64 = ((text.square() * weights).sum(2) * columns[:, None, :]).sum() + 0.5 * (text * weights).sum(2)[..., 3].sum()
+    for g, g64 in zip(grads, torch.autograd.grad(loss64, leaves64)):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5 * g64.abs().max().item())
+
+
+def test_bad_capture_requests():
+    q, k, v, _, _ = inputs(40, prompt=False)
+    bad = [
+        Capture(torch.zeros(B, MK - 1, dtype=torch.bool)),  # columns must cover the text keys
+        Capture(torch.zeros(B + 1, MK, dtype=torch.bool)),  # one row per batch item
+        Capture(torch.zeros(B, MK)),  # float columns
+        Capture(watched_columns(), rows=torch.ones(B, MQ + 1)),  # rows must cover the queries
+        Capture(watched_columns(), maps=True),  # maps need indices
+    ]
+    for capture in bad:
+        with pytest.raises(ValueError):
+            cross_attention(q, k, v, capture=capture, backend="torch")
 
 
 @pytest.mark.parametrize("d", [40, 80])
