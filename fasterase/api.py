@@ -162,6 +162,20 @@ def world_judge(model):
     return WorldJudge()
 
 
+# Base-model images of an evaluation plan, by (base fingerprint, concepts, n, sampling): every
+# edit of one base compared on the same plan samples the base model once per process.
+_ORIGINAL_IMAGES: dict[tuple, dict[str, np.ndarray]] = {}
+
+
+def _original_images(pipe, base: str, judge, plan, sampling: SamplingConfig, progress) -> dict[str, np.ndarray]:
+    key = (base, tuple(plan.erased), tuple(plan.preserved), tuple(plan.lookalikes), plan.n, sampling)
+    if key not in _ORIGINAL_IMAGES:
+        if len(_ORIGINAL_IMAGES) >= 8:
+            _ORIGINAL_IMAGES.pop(next(iter(_ORIGINAL_IMAGES)))
+        _ORIGINAL_IMAGES[key] = sample_concepts(pipe, judge, plan, sampling, progress)
+    return _ORIGINAL_IMAGES[key]
+
+
 def evaluate(
     edit: str | Path,
     concepts: list[str] | None = None,
@@ -176,22 +190,55 @@ def evaluate(
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
     `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated."""
-    loaded = load_edit(edit)
+    return compare([edit], concepts, preserve=preserve, model=model, key=key, n=n, grid=grid, sampling=sampling, progress=progress)["edits"][0]
+
+
+def compare(
+    edits: list[str | Path],
+    concepts: list[str] | None = None,
+    *,
+    preserve: list[str] | None = None,
+    model=None,
+    key=None,
+    n: int = 32,
+    grid: str | Path | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Several edits of one base model (e.g. one per method) evaluated on the same concepts,
+    prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
+    edit, each with its "edit" path and "method"}. Without `concepts`, the edits' own (they must
+    agree)."""
+    loaded = [load_edit(e) for e in edits]
+    if not loaded:
+        raise UserError("compare needs at least one edit")
+    if concepts is None:
+        concepts = loaded[0].metadata.concepts
+        if any(e.metadata.concepts != concepts for e in loaded):
+            raise UserError("the edits erase different concepts; say which to evaluate with --concept")
     if grid is not None:
         grid = ensure_writable(Path(grid))
     judge = world_judge(model)
-    plan = plan_for(judge, list(concepts or loaded.metadata.concepts), preserve, n)
+    plan = plan_for(judge, list(concepts), preserve, n)
     pipe = load_pipeline(model, device=default_device())
     base = fingerprint(pipe)
-    check_edit(pipe, loaded, base)  # before minutes of sampling, not after
-    original_images = sample_concepts(pipe, judge, plan, sampling, progress)
-    apply_edit(pipe, loaded, base)
-    with key_block(pipe, key, base):
-        edited_images = sample_concepts(pipe, judge, plan, sampling, progress)
-    result = report(plan, recognition(judge, original_images), recognition(judge, edited_images))
+    for e in loaded:
+        check_edit(pipe, e, base)  # before minutes of sampling, not after
+    original_images = _original_images(pipe, base, judge, plan, sampling, progress)
+    original = recognition(judge, original_images)
+    results, rows = [], []
+    for path, e in zip(edits, loaded):
+        edited_pipe = load_pipeline(model, device=default_device()) if results else pipe
+        apply_edit(edited_pipe, e, base)
+        with key_block(edited_pipe, key, base):
+            edited_images = sample_concepts(edited_pipe, judge, plan, sampling, progress)
+        results.append({**report(plan, original, recognition(judge, edited_images)), "edit": str(path), "method": e.metadata.method})
+        rows.append((e.metadata.method, edited_images))
     if grid is not None:
         shown = plan.erased + plan.lookalikes + plan.preserved[:3]
-        rows = [np.concatenate([original_images[c][:6], edited_images[c][:6]]) for c in shown]
-        save_png(grid_image(rows, [f"{c} (before | after)" for c in shown]), grid)
-        result["grid"] = str(grid)
-    return result
+        columns = [("original", original_images)] + rows
+        grid_rows = [np.concatenate([images[c][:6 if len(columns) == 2 else 3] for _, images in columns]) for c in shown]
+        save_png(grid_image(grid_rows, [f"{c} ({' | '.join(name for name, _ in columns)})" for c in shown]), grid)
+        for result in results:
+            result["grid"] = str(grid)
+    return {"original": results[0]["original"], "edits": results}

@@ -62,13 +62,15 @@ def _cmd_erase(args) -> int:
         bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
 
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else None
-    options = dict(_parse_set(item) for item in args.set)
+    flags = {
+        "preserve": args.preserve, "steps": args.steps, "seed": args.seed, "backend": args.backend, "dtype": dtype,
+        "images": args.images, "masks": args.masks,
+    }
+    options = dict(_parse_set(item) for item in args.set) | {k: v for k, v in flags.items() if v is not None}
     try:
         summary = api.erase(
             args.method, args.concept, model=args.model, out=args.out, config=args.config, preset=args.preset,
-            progress=progress, notify=lambda line: print(f"fasterase: {line}", file=sys.stderr),
-            **options, preserve=args.preserve, steps=args.steps, seed=args.seed, backend=args.backend, dtype=dtype,
-            images=args.images, masks=args.masks,
+            progress=progress, notify=lambda line: print(f"fasterase: {line}", file=sys.stderr), **options,
         )
     finally:
         if bar is not None:
@@ -101,19 +103,20 @@ def _cmd_generate(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from . import api
-    from .evaluation.report import format_table
+    from .evaluation.report import format_comparison, format_table
     from .evaluation.sampling import SamplingConfig
 
-    grid = args.grid or str(Path(args.edit).with_suffix("")) + ".eval.png"
-    result = api.evaluate(
+    grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
+    comparison = api.compare(
         args.edit, args.concept, preserve=args.preserve, model=args.model, key=args.key, n=args.n, grid=grid,
         sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed),
     )
+    single = len(args.edit) == 1
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(comparison["edits"][0] if single else comparison))
     else:
-        print(format_table(result))
-        print(f"grid: {result['grid']}")
+        print(format_table(comparison["edits"][0]) if single else format_comparison(comparison))
+        print(f"grid: {grid}")
     return 0
 
 
@@ -210,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_generate)
 
-    p = sub.add_parser("evaluate", help="ESR/PSR of an edit against its base model")
-    p.add_argument("--edit", required=True)
+    p = sub.add_parser("evaluate", help="ESR/PSR of edits against their base model")
+    p.add_argument("--edit", action="append", required=True, help="an edit file (repeat to compare several, e.g. one per method)")
     p.add_argument("--concept", action="append", help="erased concept (default: the edit's)")
     p.add_argument("--preserve", action="append", help="preserved concept (default: the rest of the erased concept's family)")
     p.add_argument("--model", help=model_help)

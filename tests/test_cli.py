@@ -101,3 +101,49 @@ def _fast_config(tmp_path):
     config = tmp_path / "fast.yaml"
     config.write_text("trajectories: 2\nsample_steps: 4\nbatch_size: 2\n")
     return config
+
+
+@pytest.mark.parametrize("item, expected", [("lr=oops", "option 'lr' must be a float"), ("steps", "--set takes OPTION=VALUE"), ("=3", "--set takes OPTION=VALUE"), ("nope=1", "unknown option 'nope'")])
+def test_bad_set_options(capsys, tmp_path, item, expected):
+    err = run_failing(capsys, erase_argv(tmp_path, "--concept", "circle", "--set", item))
+    assert expected in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_image_options_belong_to_image_methods(capsys, tmp_path):
+    err = run_failing(capsys, erase_argv(tmp_path, "--concept", "circle", "--images", str(tmp_path)))
+    assert "unknown option 'images'" in err
+
+
+def test_set_reads_values_as_yaml(tmp_path):
+    from fasterase.cli import _parse_set
+
+    assert _parse_set("lr=1e-5") == ("lr", 1e-5)
+    assert _parse_set("templates=['{}', 'a {}']") == ("templates", ["{}", "a {}"])
+    assert _parse_set("include_end=false") == ("include_end", False)
+    assert _parse_set("neutral=ring") == ("neutral", "ring")
+
+
+def test_evaluate_compares_several_edits_in_one_table(capsys, tmp_path):
+    """Edits of the built-in model made by hand (cheap): one table, a row per edit, same plan."""
+    import json
+
+    from fasterase.models.fingerprint import fingerprint
+    from fasterase.models.loading import load_pipeline
+
+    pipe = load_pipeline()
+    name, weight = next((n, p) for n, p in pipe.unet.named_parameters() if n.endswith("attn2.to_v.weight"))
+    edits = []
+    for method, factor in (("kpop", 1.0), ("uce", 0.0)):
+        path = tmp_path / f"{method}.safetensors"
+        metadata = EditMetadata(method=method, concepts=["circle"], config={}, base_fingerprint=fingerprint(pipe), base_model="builtin")
+        save_edit(path, Edit(tensors={f"unet.{name}": weight.detach() * factor}, metadata=metadata))
+        edits += ["--edit", str(path)]
+    assert main(["evaluate", *edits, "--n", "2", "--sample-steps", "4", "--grid", str(tmp_path / "g.png"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [e["method"] for e in result["edits"]] == ["kpop", "uce"]
+    assert all(e["original"] == result["original"] for e in result["edits"]), "one base-model sampling for all"
+    assert (tmp_path / "g.png").exists()
+    assert main(["evaluate", *edits, "--n", "2", "--sample-steps", "4", "--grid", str(tmp_path / "g.png")]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[1].startswith("original") and "kpop" in table and "uce" in table and "ring" in table

@@ -84,3 +84,21 @@ def format_table(result: dict) -> str:
     for concept, r in result["lookalikes"].items():
         lines.append(f"look-alike {concept}: recognised {r['original_top1']:.1%} -> {r['edited_top1']:.1%} (top-1)")
     return "\n".join(lines)
+
+
+def format_comparison(comparison: dict) -> str:
+    """Several edits' reports (`api.compare`) as one table: a row per edit under the base model's,
+    with each look-alike's top-1 recognition in its own column."""
+    edits = comparison["edits"]
+    lookalikes = list(edits[0]["lookalikes"])
+    width = max(10, *(len(e["method"]) + 2 for e in edits))
+    header = f"{'':{width}}" + "".join(f"{k:>8}" for k in ("ESR-1", "ESR-5", "PSR-1", "PSR-5")) + "".join(f"{c[:12]:>14}" for c in lookalikes)
+    lines = [header]
+    first = edits[0]["lookalikes"]
+    rows = [("original", comparison["original"], {c: first[c]["original_top1"] for c in lookalikes})]
+    rows += [(e["method"], e, {c: e["lookalikes"][c]["edited_top1"] for c in lookalikes}) for e in edits]
+    for name, s, kept in rows:
+        lines.append(f"{name:{width}}" + "".join(f"{s[k]:8.1%}" for k in ("esr1", "esr5", "psr1", "psr5")) + "".join(f"{kept[c]:14.1%}" for c in lookalikes))
+    if lookalikes:
+        lines.append("look-alike columns: share of the look-alike's images still recognised (top-1)")
+    return "\n".join(lines)
