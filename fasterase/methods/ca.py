@@ -1,0 +1,68 @@
+"""Concept Ablation, the model-based variant (Kumari et al., 2023, "Ablating Concepts in
+Text-to-Image Diffusion Models").
+
+The model is fine-tuned so that the concept's prompt produces what an anchor concept's prompt
+produces:
+  ||eps'(x_t, c_concept) - eps(x_t, c_anchor)||^2,
+with x_t from the frozen model's own sampling under the anchor's prompts (the paper generates
+anchor images with the model and noises them) and c_concept the same prompt with the concept in
+the anchor's place. The target is the frozen model's prediction, computed once; the paper takes
+the model being trained, without gradient, which starts at the same value. With concepts to
+preserve, the same step also keeps the frozen model's predictions on them,
++ preserve_weight ||eps'(x_t, c_p) - eps(x_t, c_p)||^2: an addition to the paper's objective
+(whose optional prior term is on anchor images), off when none are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import option
+from ..errors import UserError
+from ..models.text import encode_prompts
+from . import ErasureResult, Method, Progress, register
+from .parameters import select_parameters
+from .trajectories import predict_noise
+from .training import PredictionTargets, TrajectoryConfig, changed_tensors, match_predictions, sample_banks, trajectory_prompts
+
+TRAINABLE_SETS = ("cross_attention_kv", "cross_attention")
+
+
+@dataclass
+class CAConfig(TrajectoryConfig):
+    # The empty prompt is an anchor every model has, and what it produces (the model's generic
+    # image) is a neutral stand-in for any concept; the paper picks a category per concept
+    # ("dog" for "grumpy cat", "painting" for a style), which only the user can name.
+    anchor: str = option("", "the concept whose outputs the erased concepts' prompts are mapped to; '' is the empty prompt")
+    trainable: str = option("cross_attention_kv", "cross_attention_kv (the paper's default) or cross_attention")
+    lr: float = option(1e-3, "Adam learning rate (the paper's is 1.6e-5 for SD; preset sd14)")
+
+    def prompt_concepts(self) -> list[str]:
+        return super().prompt_concepts() + ([self.anchor] if self.anchor else [])
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.trainable not in TRAINABLE_SETS:
+            raise UserError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, not {self.trainable!r}")
+        if self.anchor in self.concepts:
+            raise UserError(f"the anchor {self.anchor!r} is one of the concepts to erase")
+
+
+@register
+class CA(Method):
+    name = "ca"
+    config_class = CAConfig
+
+    def erase(self, pipe, cfg: CAConfig, progress: Progress | None = None) -> ErasureResult:
+        unet = pipe.unet
+        # Trajectory i of concept k is sampled from the anchor's prompt with the template of
+        # concept k's prompt i, so the two prompt lists pair up by index.
+        anchor_prompts = trajectory_prompts(cfg.templates, [cfg.anchor] * len(cfg.concepts), cfg.trajectories)
+        concept_prompts = trajectory_prompts(cfg.templates, cfg.concepts, cfg.trajectories)
+        bank, keep = sample_banks(pipe, cfg, anchor_prompts)
+        # The frozen model's predictions for the anchor, once, before anything changes.
+        anchor_context = encode_prompts(pipe, anchor_prompts)
+        target = predict_noise(unet, bank.latents, bank.timesteps, anchor_context[bank.prompt_index])
+        params = select_parameters(unet, cfg.trainable)
+        match_predictions(unet, params, PredictionTargets(bank, encode_prompts(pipe, concept_prompts), target), keep, cfg, progress)
+        return ErasureResult(tensors=changed_tensors("unet", params))

@@ -1,0 +1,71 @@
+"""ESD: erasing a concept by negative guidance (Gandikota et al., 2023, "Erasing Concepts from
+Diffusion Models").
+
+The model is fine-tuned so that, on the concept's prompt, it predicts what the frozen model would
+with the concept guided away:
+  ||eps'(x_t, c) - (eps(x_t, "") - eta (eps(x_t, c) - eps(x_t, "")))||^2,
+with x_t from the frozen model's own sampling under the concept's prompt (the paper's code samples
+one partial trajectory per iteration; here a bank of trajectories is sampled once, so that a step
+is a fixed-shape gather that carries several samples of every concept). With concepts to
+preserve, the same step also keeps the frozen model's predictions on them,
++ preserve_weight ||eps'(x_t, c_p) - eps(x_t, c_p)||^2: an addition to the paper's objective,
+off when none are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import option
+from ..errors import UserError
+from ..models.text import encode_prompts
+from . import ErasureResult, Method, Progress, register
+from .parameters import select_parameters
+from .trajectories import predict_noise
+from .training import PredictionTargets, TrajectoryConfig, changed_tensors, match_predictions, sample_banks, trajectory_prompts
+
+# The paper's names for the parameter sets it trains -> ours.
+TRAINABLE_SETS = {
+    "x": "cross_attention",
+    "x-strict": "cross_attention_kv",
+    "u": "non_cross_attention",
+    "all": "all",
+}
+
+
+@dataclass
+class ESDConfig(TrajectoryConfig):
+    negative_guidance: float = option(1.0, "eta: how far the target is guided away from the concept")
+    trainable: str = option(
+        "x",
+        "parameters trained, by the paper's names: x (cross-attention), x-strict (cross-attention "
+        "keys and values), u (all but cross-attention; for concepts such as nudity) or all",
+    )
+    lr: float = option(1e-3, "Adam learning rate (the paper's 1e-5 is for SD; preset sd14)")
+    guidance: float = option(3.0, "classifier-free guidance of the trajectories (the paper's start guidance)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.trainable not in TRAINABLE_SETS:
+            raise UserError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, not {self.trainable!r}")
+        if self.negative_guidance < 0:
+            raise UserError(f"negative_guidance must be at least 0, not {self.negative_guidance}")
+
+
+@register
+class ESD(Method):
+    name = "esd"
+    config_class = ESDConfig
+
+    def erase(self, pipe, cfg: ESDConfig, progress: Progress | None = None) -> ErasureResult:
+        unet = pipe.unet
+        prompts = trajectory_prompts(cfg.templates, cfg.concepts, cfg.trajectories)
+        bank, keep = sample_banks(pipe, cfg, prompts)
+        context = encode_prompts(pipe, prompts)
+        # The frozen model's predictions, once, before anything changes.
+        eps_concept = predict_noise(unet, bank.latents, bank.timesteps, context[bank.prompt_index])
+        eps_empty = predict_noise(unet, bank.latents, bank.timesteps, encode_prompts(pipe, [""]).expand(len(bank), -1, -1))
+        target = eps_empty - cfg.negative_guidance * (eps_concept - eps_empty)
+        params = select_parameters(unet, TRAINABLE_SETS[cfg.trainable])
+        match_predictions(unet, params, PredictionTargets(bank, context, target), keep, cfg, progress)
+        return ErasureResult(tensors=changed_tensors("unet", params))

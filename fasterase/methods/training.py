@@ -1,0 +1,178 @@
+"""What the fine-tuning methods share: their trajectory options, prompts per trajectory, training
+schedules drawn up front, the trainable-parameter and mixed-precision blocks, the loop that reports
+progress, and the whole training of methods whose objective is to match frozen predictions.
+
+ESD and CA train the model so that, fed x_t from the frozen model's own trajectories and a
+concept's prompt, it predicts a target that the frozen model gives (ESD: the negatively guided
+prediction; CA: the anchor's prediction). They differ only in which prompts draw the trajectories
+and what the target is, so `match_predictions` is their training; KPOP uses the pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, option
+from ..errors import UserError
+from ..models.text import encode_prompts
+from . import Progress
+from .trajectories import TrajectoryBank, predict_noise, sample_trajectories
+
+
+@dataclass
+class TrajectoryConfig(MethodConfig):
+    """Options of methods that train on x_t from the frozen model's own trajectories."""
+
+    lr: float = option(1e-3, "Adam learning rate")
+    batch_size: int = option(8, "samples (x_t at any timestep) of each concept per update: a step carries every concept")
+    trajectories: int = option(16, "sampled trajectories per concept that training draws x_t from")
+    sample_steps: int = option(20, "DDIM steps of those trajectories")
+    guidance: float = option(5.0, "classifier-free guidance of those trajectories")
+    templates: list[str] = option(
+        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
+        "prompts of a concept; {} stands for the concept (and for an anchor or neutral one)",
+    )
+    preserve_weight: float = option(1.0, "weight of keeping the frozen model's predictions on the preserved concepts (if any)")
+    log_every: int = option(10, "steps between progress reports (each reads the losses off the device)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise UserError("every template must contain {} where the concept goes")
+        for name in ("batch_size", "trajectories", "sample_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1")
+
+
+def trajectory_prompts(templates: list[str], concepts: list[str], trajectories: int) -> list[str]:
+    """One prompt per trajectory: `trajectories` per concept, concept-major, cycling through the
+    templates. An empty concept stands for the empty prompt, whatever the template."""
+    return [templates[i % len(templates)].format(c) if c else "" for c in concepts for i in range(trajectories)]
+
+
+def concept_schedule(concept_of_entry: torch.Tensor, concepts: int, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(steps, concepts * batch_size) bank positions: each step draws `batch_size` entries of every
+    concept, so that every step carries all of them. Every concept must have as many entries."""
+    by_concept = torch.stack([torch.nonzero(concept_of_entry.cpu() == k).flatten() for k in range(concepts)])
+    picks = torch.randint(by_concept.shape[1], (steps, concepts, batch_size), generator=generator)
+    return torch.gather(by_concept.expand(steps, -1, -1), 2, picks).flatten(1).to(concept_of_entry.device)
+
+
+def uniform_schedule(entries: int, steps: int, size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(steps, size) positions drawn uniformly from `entries` bank entries (none when size is 0)."""
+    return torch.randint(max(1, entries), (steps, size), generator=generator).to(device)
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision on a GPU when a lower dtype is asked for; float32 elsewhere."""
+    if dtype != "float32" and device.type == "cuda":
+        return torch.autocast(device.type, dtype=getattr(torch, dtype))
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def trainable(params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """A block in which `params` take gradients; afterwards the model is frozen again, with no
+    gradients left behind, however the block ends."""
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def run_steps(step: Callable[[int], dict[str, torch.Tensor]], steps: int, log_every: int, progress: Progress | None) -> None:
+    """Runs step(i) for every step; its losses stay on the device except every `log_every` steps
+    (and at the last), when they are read for the progress callback."""
+    if progress is not None:
+        progress(0, steps, {})
+    for i in range(steps):
+        losses = step(i)
+        if progress is not None and ((i + 1) % log_every == 0 or i + 1 == steps):
+            progress(i + 1, steps, {name: value.item() for name, value in losses.items()})
+
+
+def changed_tensors(component: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """An edit's tensors: the trained parameters, named "<component>.<parameter name>"."""
+    return {f"{component}.{name}": p.detach().cpu().clone() for name, p in params.items()}
+
+
+@dataclass
+class PredictionTargets:
+    """Training items: fed x_t at t and the text `context[bank.prompt_index]`, the trained model
+    should predict `target`."""
+
+    bank: TrajectoryBank
+    context: torch.Tensor  # (prompts, 77, d)
+    target: torch.Tensor  # (N, C, h, w), one per bank entry
+
+    def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet's inputs (x_t, t, text) for the entries at positions `idx`."""
+        return self.bank.latents[idx], self.bank.timesteps[idx], self.context[self.bank.prompt_index[idx]]
+
+
+def sample_banks(pipe, cfg: TrajectoryConfig, prompts: list[str]) -> tuple[TrajectoryBank, PredictionTargets | None]:
+    """The frozen model's trajectories under `prompts` (one per trajectory, concept-major) and,
+    in the same sampling, under the preserved concepts' prompts, with the targets that keep the
+    frozen model's predictions on the latter (None when nothing is preserved)."""
+    preserve_prompts = trajectory_prompts(cfg.templates, cfg.preserve, cfg.trajectories)
+    bank = sample_trajectories(pipe, prompts + preserve_prompts, cfg.sample_steps, cfg.guidance, cfg.seed)
+    if not cfg.preserve:
+        return bank, None
+    erased = bank.prompt_index < len(prompts)
+    kept = bank.take(~erased)
+    kept = TrajectoryBank(kept.latents, kept.timesteps, kept.prompt_index - len(prompts))
+    context = encode_prompts(pipe, preserve_prompts)
+    target = predict_noise(pipe.unet, kept.latents, kept.timesteps, context[kept.prompt_index])
+    return bank.take(erased), PredictionTargets(kept, context, target)
+
+
+def match_predictions(
+    unet,
+    params: dict[str, nn.Parameter],
+    erase: PredictionTargets,
+    keep: PredictionTargets | None,
+    cfg: TrajectoryConfig,
+    progress: Progress | None,
+) -> None:
+    """Trains `params` of `unet` with Adam on ||eps'(x_t, c) - target||^2 over the erased
+    concepts' items, plus preserve_weight times the same over the preserved ones. Each step is one
+    forward and backward of fixed shape: `batch_size` items of every erased concept (concept k's
+    items are bank prompts k * trajectories ... (k + 1) * trajectories - 1) and `batch_size`
+    preserved items, all drawn before the loop."""
+    device = erase.target.device
+    generator = torch.Generator().manual_seed(cfg.seed)
+    schedule = concept_schedule(erase.bank.prompt_index // cfg.trajectories, len(cfg.concepts), cfg.steps, cfg.batch_size, generator)
+    keep_schedule = uniform_schedule(len(keep.bank) if keep else 0, cfg.steps, cfg.batch_size if keep else 0, generator, device)
+    size = schedule.shape[1]
+    optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
+    mixed_precision = autocast(device, cfg.dtype)
+    mse = nn.functional.mse_loss
+
+    def step(i: int) -> dict[str, torch.Tensor]:
+        idx, k = schedule[i], keep_schedule[i]
+        # One forward carries the erased items, then the preserved ones.
+        parts = [erase.inputs(idx)] + ([keep.inputs(k)] if keep else [])
+        x, t, c = (torch.cat(part) for part in zip(*parts))
+        with mixed_precision:
+            pred = unet(x, t, c).sample.float()
+        losses = {"erase": mse(pred[:size], erase.target[idx])}
+        loss = losses["erase"]
+        if keep is not None:
+            losses["keep"] = mse(pred[size:], keep.target[k])
+            loss = loss + cfg.preserve_weight * losses["keep"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {name: value.detach() for name, value in losses.items()}
+
+    with trainable(params):
+        run_steps(step, cfg.steps, cfg.log_every, progress)

@@ -1,0 +1,68 @@
+"""ESD on the built-in world: the erased shape stops being drawn, the others stay. The bars fail
+if the method does nothing (the base model draws every shape)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasterase import api
+from fasterase.config import make_config
+from fasterase.errors import UserError
+from fasterase.methods.esd import ESD, TRAINABLE_SETS, ESDConfig  # importing registers the method
+from fasterase.methods.parameters import PARAMETER_SETS
+
+TINY = {"concepts": ["circle", "ring"], "steps": 2, "trajectories": 2, "sample_steps": 2, "batch_size": 2, "log_every": 1}
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"preserve": ["square"]},
+    {"trainable": "x-strict", "negative_guidance": 2.0},
+    {"trainable": "u"},
+    {"trainable": "all"},
+])
+def test_esd_changes_only_its_trainable_set(tiny_pipeline_dir, options):
+    from fasterase.models.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
+    cfg = make_config(ESDConfig, {**TINY, **options})
+    reports = []
+    result = ESD().erase(pipe, cfg, progress=lambda step, total, losses: reports.append((step, total, losses)))
+    changed = {f"unet.{n}" for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(result.tensors)
+    our_set = PARAMETER_SETS[TRAINABLE_SETS[cfg.trainable]]
+    assert all(our_set(name.removeprefix("unet.")) for name in result.tensors)
+    assert result.key is None
+    expected = {"erase", "keep"} if cfg.preserve else {"erase"}
+    assert [r[:2] for r in reports] == [(0, 2), (1, 2), (2, 2)] and set(reports[-1][2]) == expected
+    assert not any(p.requires_grad or p.grad is not None for p in pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"trainable": "xattn"}, "trainable"),
+    ({"negative_guidance": -1.0}, "negative_guidance"),
+    ({"templates": ["a circle"]}, "template"),
+    ({"trajectories": 0}, "trajectories"),
+])
+def test_esd_refuses_bad_options(options, words):
+    with pytest.raises(UserError, match=words):
+        make_config(ESDConfig, {"concepts": ["circle"], **options})
+
+
+@pytest.mark.slow
+def test_erases_the_shape_and_keeps_the_others(tmp_path):
+    summary = api.erase("esd", ["circle"], out=tmp_path / "x.safetensors")
+    r = api.evaluate(summary.edit, n=16)
+    assert r["original"]["esr1"] <= 0.15, "the base model must draw circles for the test to mean anything"
+    assert r["esr1"] >= 0.80
+    assert r["psr1"] >= 0.80 * r["original"]["psr1"]
+    assert summary.key is None
+
+
+def test_sd14_preset_loads():
+    from fasterase.config import preset
+
+    cfg = make_config(ESDConfig, preset("esd", "sd14"), {"concepts": ["circle"]})
+    assert cfg.lr == 1e-5 and cfg.steps == 1000 and cfg.negative_guidance == 1.0 and cfg.trainable == "x"
