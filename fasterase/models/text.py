@@ -18,17 +18,20 @@ def check_concept(tokenizer, concept: str) -> None:
         raise UserError(f"the concept {concept!r} is {len(ids)} tokens long; the text encoder reads at most {tokenizer.model_max_length - 2}")
 
 
+def token_ids(pipe, prompts: list[str]) -> torch.Tensor:
+    """Token ids (N, 77) of prompts, padded as the pipeline pads them."""
+    return pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Text-encoder states (N, 77, d) for prompts, padded as the pipeline pads them."""
-    states = []
-    for start in range(0, len(prompts), batch_size):
-        ids = pipe.tokenizer(
-            prompts[start : start + batch_size], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(pipe.text_encoder.device)
-        states.append(pipe.text_encoder(ids)[0])
-    return torch.cat(states)
+    return torch.cat([
+        pipe.text_encoder(token_ids(pipe, prompts[start : start + batch_size]))[0]
+        for start in range(0, len(prompts), batch_size)
+    ])
 
 
 def token_columns(tokenizer, prompts: list[str], concepts: list[str], include_end: bool = False) -> torch.Tensor:

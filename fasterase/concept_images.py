@@ -1,0 +1,154 @@
+"""Images of the concepts a method learns from (Forget-Me-Not, MACE, few-shot unlearning).
+
+Either folders the user gives, or, when none is given, images the base model itself draws from
+the concepts' prompts. Images are centre-cropped and resized to the pipeline's image size and
+encoded to latents with its VAE; masks (optional, white where the concept is) stay in image space,
+(N, 1, H, W) in [0, 1], for the attention code to resize to each layer's grid. Images are read with
+PIL; nothing is ever unpickled.
+
+Folder layout: for one concept, a folder of its images (or a folder holding a subfolder named
+after the concept); for several, one subfolder per concept, named after it. A mask folder mirrors
+the image folder, one mask per image with the same file stem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import MethodConfig, option
+from .errors import UserError
+from .evaluation.sampling import SamplingConfig, generate
+
+
+@dataclass
+class ImageMethodConfig(MethodConfig):
+    """Options of every method that learns from images of the concept."""
+
+    images: str = option("", "a folder of the concepts' images (one subfolder per concept when there are several); '' draws them with the base model")
+    masks: str = option("", "a folder of masks named like the images (white: the concept); needs images")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.masks and not self.images:
+            raise UserError("masks need the images they belong to: give images as well")
+        for name in ("images", "masks"):
+            folder = getattr(self, name)
+            if folder and not Path(folder).expanduser().is_dir():
+                raise UserError(f"{name} folder {folder} does not exist")
+
+
+@dataclass
+class ConceptImages:
+    latents: torch.Tensor  # (N, C, h, w): VAE latents, scaled as the UNet sees them
+    concept_index: torch.Tensor  # (N,) long: which concept each image shows
+    masks: torch.Tensor | None = None  # (N, 1, H, W) float in [0, 1], image space
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def schedule(self, concepts: int, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """(steps, concepts * batch_size) image positions, concept-major: each step draws
+        `batch_size` images of every concept (with replacement; concepts may have different
+        numbers of images), so that every step carries all of them."""
+        by_concept = [torch.nonzero(self.concept_index.cpu() == k).flatten() for k in range(concepts)]
+        picks = [own[torch.randint(len(own), (steps, batch_size), generator=generator)] for own in by_concept]
+        return torch.cat(picks, dim=1).to(self.latents.device)
+
+
+def image_size(pipe) -> int:
+    """The side of the square images the pipeline draws: VAE scale x UNet sample size."""
+    return pipe.vae_scale_factor * pipe.unet.config.sample_size
+
+
+def concept_images(
+    pipe,
+    concepts: list[str],
+    images: str = "",
+    masks: str = "",
+    *,
+    count: int = 4,
+    templates: tuple[str, ...] | list[str] = ("{}",),
+    sampling: SamplingConfig = SamplingConfig(),
+) -> ConceptImages:
+    """The concepts' images as latents: read from `images` (and `masks`) when given, else `count`
+    images per concept drawn by the pipeline from its prompts (templates in turn), seeded by
+    `sampling.seed`."""
+    if images:
+        return _from_folders(pipe, concepts, Path(images).expanduser(), Path(masks).expanduser() if masks else None)
+    prompts = [templates[i % len(templates)].format(concept) for concept in concepts for i in range(count)]
+    pixels = torch.from_numpy(generate(pipe, prompts, sampling)).permute(0, 3, 1, 2)
+    return ConceptImages(encode_images(pipe, pixels), torch.arange(len(concepts)).repeat_interleave(count).to(pipe.device))
+
+
+@torch.no_grad()
+def encode_images(pipe, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """VAE latents (N, C, h, w) of images (N, 3, H, W) in [0, 1]: the posterior means, scaled."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = [
+        vae.encode(pixels[i : i + batch_size].to(pipe.device, vae.dtype) * 2 - 1).latent_dist.mean
+        for i in range(0, pixels.shape[0], batch_size)
+    ]
+    return ((torch.cat(latents) - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
+
+
+def _from_folders(pipe, concepts: list[str], images: Path, masks: Path | None) -> ConceptImages:
+    size = image_size(pipe)
+    pixels, mask_list, index = [], [], []
+    for k, folder in enumerate(_concept_folders(images, concepts)):
+        found = _read_folder(folder, "RGB", size, Image.Resampling.BICUBIC)
+        if not found:
+            raise UserError(f"no readable image in {folder}")
+        pixels += found.values()
+        index += [k] * len(found)
+        if masks is not None:
+            mask_folder = masks / folder.relative_to(images)
+            read = _read_folder(mask_folder, "L", size, Image.Resampling.BILINEAR) if mask_folder.is_dir() else {}
+            missing, extra = sorted(set(found) - set(read)), sorted(set(read) - set(found))
+            if missing or extra:
+                parts = [f"no mask for {_names(missing)}"] * bool(missing) + [f"masks without an image: {_names(extra)}"] * bool(extra)
+                raise UserError(f"masks in {mask_folder} do not match the images in {folder}: {'; '.join(parts)}")
+            mask_list += [read[stem] for stem in found]
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+    mask_tensor = torch.from_numpy(np.stack(mask_list))[:, None].to(pipe.device) if masks is not None else None
+    return ConceptImages(encode_images(pipe, batch), torch.tensor(index, device=pipe.device), mask_tensor)
+
+
+def _concept_folders(images: Path, concepts: list[str]) -> list[Path]:
+    """One folder per concept: subfolders named after the concepts, or, for one concept, the folder itself."""
+    subfolders = [images / concept for concept in concepts]
+    present = [folder.is_dir() for folder in subfolders]
+    if all(present):
+        return subfolders
+    if len(concepts) == 1:
+        return [images]
+    missing = [concept for concept, here in zip(concepts, present) if not here]
+    raise UserError(f"with several concepts, {images} needs one subfolder per concept; missing: {_names(missing)}")
+
+
+def _read_folder(folder: Path, mode: str, size: int, resample) -> dict[str, np.ndarray]:
+    """stem -> image (size, size, 3) for RGB or (size, size) for L, float32 in [0, 1], centre-cropped
+    and resized; files PIL cannot read are skipped."""
+    read = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        try:
+            with Image.open(path) as image:
+                image = ImageOps.fit(image.convert(mode), (size, size), method=resample)
+        except (UnidentifiedImageError, OSError):
+            continue
+        if path.stem in read:
+            raise UserError(f"{folder} has two images named {path.stem} (e.g. {path.name}); stems must be unique")
+        read[path.stem] = np.asarray(image, dtype=np.float32) / 255.0
+    return read
+
+
+def _names(items: list[str], shown: int = 5) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
