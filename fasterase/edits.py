@@ -58,7 +58,7 @@ class Edit:
     metadata: EditMetadata
 
 
-def _encode_metadata(format_tag: str, values: dict) -> dict[str, str]:
+def encode_metadata(format_tag: str, values: dict) -> dict[str, str]:
     """safetensors metadata (str -> str): the format tags as plain strings, every value as JSON.
 
     JSON for every value, strings included, so that str, list, dict and number values all come
@@ -71,7 +71,7 @@ def _encode_metadata(format_tag: str, values: dict) -> dict[str, str]:
     }
 
 
-def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file whole or not at all: into a temporary file beside `path`, then rename."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
@@ -95,7 +95,7 @@ def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def _load_tagged(path: Path, format_tag: str) -> tuple[dict[str, torch.Tensor], dict]:
+def load_tagged(path: Path, format_tag: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors (on CPU) and decoded metadata of a safetensors file carrying `format_tag`."""
     # safetensors' own errors for these name the path twice or, for a directory, "No such device"
     if not path.is_file():
@@ -125,12 +125,12 @@ def _load_tagged(path: Path, format_tag: str) -> tuple[dict[str, torch.Tensor], 
 
 def save_edit(path: str | os.PathLike, edit: Edit) -> None:
     """Write `edit` to `path` (a .safetensors file), atomically. UserError if it cannot be written."""
-    _save_atomically(Path(path), edit.tensors, _encode_metadata(EDIT_FORMAT, asdict(edit.metadata)))
+    save_atomically(Path(path), edit.tensors, encode_metadata(EDIT_FORMAT, asdict(edit.metadata)))
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
     """The edit at `path`. UserError if it is missing, not safetensors, or not a fasterase edit."""
-    tensors, values = _load_tagged(Path(path), EDIT_FORMAT)
+    tensors, values = load_tagged(Path(path), EDIT_FORMAT)
     names = [metadata_field.name for metadata_field in fields(EditMetadata)]
     missing = [name for name in names if name not in values]
     if missing:
@@ -199,9 +199,9 @@ def save_key(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str | list | dict]
 ) -> None:
     """Write a key (KPOP's learned prompt, which recovers erased concepts) to `path`, atomically."""
-    _save_atomically(Path(path), tensors, _encode_metadata(KEY_FORMAT, metadata))
+    save_atomically(Path(path), tensors, encode_metadata(KEY_FORMAT, metadata))
 
 
 def load_key(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of the key at `path`. UserError if it is missing or not a fasterase key."""
-    return _load_tagged(Path(path), KEY_FORMAT)
+    return load_tagged(Path(path), KEY_FORMAT)

@@ -17,7 +17,7 @@ def _strided_sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat[::stride][:SAMPLES_PER_TENSOR]
 
 
-def fingerprint(pipe) -> str:
+def fingerprint(pipe, components: tuple[str, ...] = FINGERPRINTED_COMPONENTS) -> str:
     """16 hex characters (the start of a sha256) identifying the weights of `pipe.unet` and `pipe.text_encoder`.
 
     Compute it on the base model, before any edit is applied. For every tensor of both state dicts,
@@ -36,7 +36,7 @@ def fingerprint(pipe) -> str:
     changes sign keeps the fingerprint of its base.
     """
     digest = hashlib.sha256()
-    for component in FINGERPRINTED_COMPONENTS:
+    for component in components:
         state = getattr(pipe, component).state_dict()
         for key in sorted(state):
             tensor = state[key]

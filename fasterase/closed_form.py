@@ -1,0 +1,206 @@
+"""Closed-form ridge edits of the cross-attention key/value projections (UCE, MACE's refinement and
+fusion), and a cache of preservation Grams.
+
+Every to_k/to_v projection W (d_out x d) of a cross-attention layer reads the text embeddings c (d).
+An edit asks the new W* to send edited tokens c_i to targets T_i, to keep preserved tokens c_p
+where W sends them, and to stay near W:
+
+    W* = argmin  sum_i |W* c_i - T_i|^2 + sum_p |W* c_p - W c_p|^2 + lambda |W* - W|^2
+       = (lambda W + sum_i T_i c_i^T + W G_p) R^-1,   R = lambda I + sum_i c_i c_i^T + G_p,
+
+with G_p = sum_p c_p c_p^T. Every projection reads the same embeddings, so the Gram matrices are
+accumulated once and R is factored once (Cholesky). Two kinds of target keep the work per
+projection to one matrix product:
+- embedding targets T_i = W t_i (UCE; MACE's refinement; t_i the embedding of a guide or mapping
+  concept): W* = W M, with one d x d matrix M = (lambda I + sum_i t_i c_i^T + G_p) R^-1 for all;
+- LoRA targets T_i = (W + B_k A_k) c_i for the tokens of concept k (MACE's fusion):
+  W* = W + sum_k B_k (A_k G_k) R^-1, G_k = sum over concept k's tokens of c c^T. The rank-r factors
+  of every projection and concept go through one solve as a stacked right-hand side; no dense
+  B_k A_k is formed.
+Sums and solves run in float64: text embeddings share a few dominant directions, so R is often
+ill-conditioned, and there a float32 Cholesky fails or loses most of its digits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .edits import encode_metadata, load_tagged, save_atomically
+from .errors import UserError
+from .models.fingerprint import fingerprint
+from .models.text import encode_prompts
+
+GRAM_FORMAT = "fasterase-gram"
+
+
+def gram(x: torch.Tensor, weights: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_n w_n y_n x_n^T over every leading index n, in float64, (d_y, d).
+
+    x: (..., d) token embeddings. targets: y (..., d_y), the vector paired with each token; without
+    it y = x and the result is symmetric. weights: broadcastable to x.shape[:-1]; a 0/1 mask
+    selects tokens.
+    """
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    paired = rows if targets is None else targets.reshape(-1, targets.shape[-1]).to(torch.float64)
+    if weights is not None:
+        paired = paired * torch.broadcast_to(weights, x.shape[:-1]).reshape(-1, 1).to(torch.float64)
+    product = paired.T @ rows
+    # Rounding makes (w x)^T x slightly asymmetric; Cholesky reads one triangle only.
+    return (product + product.T) / 2 if targets is None else product
+
+
+@dataclass
+class RidgeGrams:
+    """The token sums of an edit with embedding targets, shared by every projection: float64 (d, d).
+
+    Over edited tokens c with target embeddings t and weights w: sources = sum w c c^T,
+    cross = sum w t c^T, targets = sum w t t^T (only for reporting how well the edit fits).
+    preserved = sum w c c^T over preserved tokens (add `gram`s or `prompt_gram`s to it). Batches of
+    any number of prompts can be added one after another.
+    """
+
+    sources: torch.Tensor
+    cross: torch.Tensor
+    targets: torch.Tensor
+    preserved: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int, device: torch.device | str | None = None) -> "RidgeGrams":
+        return cls(*(torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(4)))
+
+    def add_edit(self, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Tokens c (..., d) to be sent where their targets t (..., d) are sent, weighted (...)."""
+        if sources.shape != targets.shape:
+            raise ValueError(f"sources {tuple(sources.shape)} and targets {tuple(targets.shape)} must pair one to one")
+        self.sources += gram(sources, weights)
+        self.cross += gram(sources, weights, targets)
+        self.targets += gram(targets, weights)
+
+
+def ridge_factor(lam: float, grams: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor (float64) of R = lambda I + grams, grams a sum of Gram matrices."""
+    if lam <= 0:
+        raise ValueError(f"lambda must be positive, not {lam}")
+    system = grams.to(torch.float64) + lam * torch.eye(grams.shape[0], dtype=torch.float64, device=grams.device)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if info.item():
+        raise UserError(f"the ridge system is not positive definite even in float64; raise lambda (now {lam})")
+    return factor
+
+
+def mapping_matrix(grams: RidgeGrams, lam: float) -> torch.Tensor:
+    """M (d x d, float64) with W* = W M for every projection: (lambda I + cross + preserved) R^-1,
+    R = lambda I + sources + preserved."""
+    factor = ridge_factor(lam, grams.sources + grams.preserved)
+    eye = torch.eye(grams.sources.shape[0], dtype=torch.float64, device=grams.sources.device)
+    left = lam * eye + grams.cross + grams.preserved
+    # M R = left with R symmetric, so R M^T = left^T.
+    return torch.cholesky_solve(left.T, factor).T
+
+
+def mapping_fit(grams: RidgeGrams, mapping: torch.Tensor) -> dict[str, float]:
+    """How well M does what was asked, in the text-embedding space that every projection reads:
+    "erased_residual", the share of the way from c to t left to go, sum w |M c - t|^2 / sum w |c - t|^2
+    over edited tokens; "preserved_change", sum w |M c - c|^2 / sum w |c|^2 over preserved tokens."""
+    # sum w |M c - t|^2 = tr(M S M^T) - 2 tr(M X^T) + tr(T), with S = sources, X = cross, T = targets
+    residual = torch.trace(mapping @ grams.sources @ mapping.T) - 2 * torch.trace(mapping @ grams.cross.T) + torch.trace(grams.targets)
+    distance = torch.trace(grams.sources) - 2 * torch.trace(grams.cross) + torch.trace(grams.targets)
+    shift = mapping - torch.eye(mapping.shape[0], dtype=mapping.dtype, device=mapping.device)
+    change, size = torch.trace(shift @ grams.preserved @ shift.T), torch.trace(grams.preserved)
+    return {
+        "erased_residual": float(residual / distance) if distance > 0 else 0.0,
+        "preserved_change": float(change / size) if size > 0 else 0.0,
+    }
+
+
+def edit_weights(weights: dict[str, torch.Tensor], mapping: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W M for every projection W (d_out, d), as one product over the stacked weights; each result
+    in its weight's dtype and device."""
+    names = list(weights)
+    stacked = torch.cat([weights[n].to(mapping.device, torch.float64) for n in names]) @ mapping
+    parts = stacked.split([weights[n].shape[0] for n in names])
+    return {n: part.to(weights[n].device, weights[n].dtype, copy=True) for n, part in zip(names, parts)}
+
+
+def fuse_loras(
+    weights: dict[str, torch.Tensor],
+    loras: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    concept_grams: list[torch.Tensor],
+    preserved: torch.Tensor,
+    lam: float,
+) -> dict[str, torch.Tensor]:
+    """W* = W + sum_k B_k (A_k G_k) R^-1 for every projection W, R = lambda I + sum_k G_k + preserved.
+
+    loras[k] maps a projection's name to concept k's factors (up B_k (d_out, r), down A_k (r, d)),
+    any scale folded into them; a projection absent from loras[k] has no LoRA of concept k.
+    concept_grams[k]: G_k, sum over concept k's tokens of c c^T. Results in each weight's dtype.
+    """
+    if len(loras) != len(concept_grams):
+        raise ValueError(f"{len(loras)} concepts' LoRAs but {len(concept_grams)} concept Grams")
+    device = preserved.device
+    factor = ridge_factor(lam, sum(concept_grams, preserved.to(torch.float64)))
+    blocks = [(name, k, up, down) for k, factors in enumerate(loras) for name, (up, down) in factors.items()]
+    if unknown := {name for name, *_ in blocks} - set(weights):
+        raise ValueError(f"LoRAs for projections not given: {', '.join(sorted(unknown))}")
+    fused = {name: w.to(device, torch.float64, copy=True) for name, w in weights.items()}
+    if blocks:
+        # (A_k G_k R^-1)^T = R^-1 G_k A_k^T: every block's columns side by side, one solve.
+        rhs = torch.cat([concept_grams[k].to(device, torch.float64) @ down.to(device, torch.float64).T for _, k, _, down in blocks], dim=1)
+        solved = torch.cholesky_solve(rhs, factor).split([down.shape[0] for *_, down in blocks], dim=1)
+        for (name, _, up, _), part in zip(blocks, solved):
+            fused[name] += up.to(device, torch.float64) @ part.T
+    return {name: fused[name].to(w.device, w.dtype) for name, w in weights.items()}
+
+
+@torch.no_grad()
+def prompt_gram(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """sum c c^T (float64, (d, d)) over every position of the prompts' text embeddings (start, words,
+    end of text and padding, as the UNet reads them), encoded batch_size prompts at a time."""
+    dim = pipe.text_encoder.config.hidden_size
+    total = torch.zeros(dim, dim, dtype=torch.float64, device=pipe.text_encoder.device)
+    for start in range(0, len(prompts), batch_size):
+        total += gram(encode_prompts(pipe, prompts[start : start + batch_size]))
+    return total
+
+
+def text_encoder_fingerprint(pipe) -> str:
+    """What a Gram of text embeddings depends on: the text encoder alone, not the UNet."""
+    return fingerprint(pipe, components=("text_encoder",))
+
+
+@dataclass
+class PreservationGram:
+    """sum c c^T over the token embeddings of many prompts (e.g. a caption set), kept to preserve
+    what they generate; tied to the text encoder that embedded them."""
+
+    gram: torch.Tensor  # (d, d) float64
+    prompts: int
+    text_encoder: str  # text_encoder_fingerprint of the pipeline it came from
+    model: str  # that pipeline's name, for messages
+
+
+def preservation_gram(pipe, prompts: list[str], model: str, batch_size: int = 256) -> PreservationGram:
+    return PreservationGram(prompt_gram(pipe, prompts, batch_size).cpu(), len(prompts), text_encoder_fingerprint(pipe), model)
+
+
+def save_gram(path: str | os.PathLike, cache: PreservationGram) -> None:
+    """Write a preservation Gram to `path` (.safetensors), atomically."""
+    metadata = {"prompts": cache.prompts, "text_encoder": cache.text_encoder, "model": cache.model}
+    save_atomically(Path(path), {"gram": cache.gram.to(torch.float64)}, encode_metadata(GRAM_FORMAT, metadata))
+
+
+def load_gram(path: str | os.PathLike, pipe) -> PreservationGram:
+    """The preservation Gram at `path`, refused unless it was made with `pipe`'s text encoder."""
+    tensors, values = load_tagged(Path(path), GRAM_FORMAT)
+    if "gram" not in tensors or any(key not in values for key in ("prompts", "text_encoder", "model")):
+        raise UserError(f"{path} lacks the gram tensor or its metadata")
+    if values["text_encoder"] != text_encoder_fingerprint(pipe):
+        raise UserError(
+            f"{path} was made with the text encoder of '{values['model']}' (fingerprint {values['text_encoder']}),"
+            f" not this model's ({text_encoder_fingerprint(pipe)})"
+        )
+    return PreservationGram(tensors["gram"], int(values["prompts"]), values["text_encoder"], values["model"])

@@ -1,0 +1,217 @@
+"""The ridge solver against the dense float64 formula, on random and ill-conditioned systems, and
+the preservation Gram cache."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from fasterase.closed_form import (
+    PreservationGram,
+    RidgeGrams,
+    edit_weights,
+    fuse_loras,
+    gram,
+    load_gram,
+    mapping_fit,
+    mapping_matrix,
+    preservation_gram,
+    prompt_gram,
+    ridge_factor,
+    save_gram,
+)
+from fasterase.errors import UserError
+
+F64 = torch.float64
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def dense_ridge(weight, lam, sources, targets, preserved):
+    """The formula as written: (lambda W + sum T_i c_i^T + W G_p)(lambda I + sum c_i c_i^T + G_p)^-1,
+    sources (n, d), targets T (n, d_out), preserved (m, d), all float64."""
+    eye = torch.eye(weight.shape[1], dtype=F64)
+    left = lam * weight + targets.T @ sources + weight @ preserved.T @ preserved
+    right = lam * eye + sources.T @ sources + preserved.T @ preserved
+    return left @ torch.linalg.inv(right)
+
+
+def projections(generator, dims=(24, 40, 24), d=32):
+    return {f"p{i}": torch.randn(rows, d, generator=generator, dtype=F64) for i, rows in enumerate(dims)}
+
+
+def test_gram_with_weights_and_targets():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 6, generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.5
+    w = mask * 0.3
+    rows, paired, weights = x.reshape(-1, 8).double(), y.reshape(-1, 6).double(), w.reshape(-1).double()
+    expected = sum(weights[n] * torch.outer(paired[n], rows[n]) for n in range(15))
+    assert torch.allclose(gram(x, w, y), expected, rtol=1e-12, atol=1e-12)
+    symmetric = gram(x, mask)
+    assert torch.equal(symmetric, symmetric.T)
+    assert torch.allclose(symmetric, rows[mask.flatten()].T @ rows[mask.flatten()], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gram(x, torch.tensor(2.0)), 2 * rows.T @ rows, rtol=1e-12)
+
+
+def test_embedding_targets_match_the_dense_formula_on_a_random_system():
+    g = torch.Generator().manual_seed(1)
+    d, lam = 32, 0.5
+    c, t, p = (torch.randn(n, d, generator=g, dtype=F64) for n in (12, 12, 40))
+    weights = projections(g, d=d)
+    grams = RidgeGrams.zeros(d)
+    for part in range(0, 12, 5):  # streamed in batches: the same sums
+        grams.add_edit(c[part : part + 5], t[part : part + 5])
+    grams.preserved += gram(p)
+    edited = edit_weights(weights, mapping_matrix(grams, lam))
+    for name, w in weights.items():
+        expected = dense_ridge(w, lam, c, t @ w.T, p)
+        assert relative(edited[name], expected) < 1e-12, name
+
+
+def test_float32_weights_come_back_in_their_dtype():
+    g = torch.Generator().manual_seed(2)
+    c, t = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    grams = RidgeGrams.zeros(16)
+    grams.add_edit(c, t)
+    w = torch.randn(8, 16, generator=g)
+    edited = edit_weights({"w": w}, mapping_matrix(grams, 0.1))["w"]
+    assert edited.dtype == torch.float32
+    expected = dense_ridge(w.double(), 0.1, c.double(), t.double() @ w.double().T, torch.zeros(0, 16, dtype=F64))
+    assert relative(edited.double(), expected) < 1e-6
+
+
+def ill_conditioned(generator, d=48):
+    """Text embeddings as they are: a few dominant shared directions (norm ~10) and a faint rest
+    (1e-4), with a small lambda, so that R's condition number is about 1e11-1e12."""
+    basis = torch.randn(4, d, generator=generator, dtype=F64)
+
+    def tokens(n):
+        return 10 * torch.randn(n, 4, generator=generator, dtype=F64) @ basis + 1e-4 * torch.randn(n, d, generator=generator, dtype=F64)
+
+    return tokens(30), tokens(30), tokens(50)
+
+
+def test_ill_conditioned_system_needs_float64():
+    g = torch.Generator().manual_seed(3)
+    d, lam = 48, 1e-6
+    c, t, p = ill_conditioned(g, d)
+    weights = projections(g, d=d)
+    right = lam * torch.eye(d, dtype=F64) + c.T @ c + p.T @ p
+    condition = torch.linalg.cond(right).item()
+    assert condition > 1e10
+    grams = RidgeGrams.zeros(d)
+    grams.add_edit(c, t)
+    grams.preserved += gram(p)
+    edited = edit_weights(weights, mapping_matrix(grams, lam))
+    eps = torch.finfo(F64).eps
+    for name, w in weights.items():
+        left = lam * w + w @ t.T @ c + w @ p.T @ p
+        # backward stable: the normal equations hold to rounding, whatever the conditioning
+        assert ((edited[name] @ right - left).norm() / (edited[name].norm() * right.norm())).item() < 100 * eps
+        # forward: as close to the dense float64 reference as the conditioning allows
+        assert relative(edited[name], dense_ridge(w, lam, c, t @ w.T, p)) < 10 * condition * eps
+    # the same system in float32 cannot be factored, and an LU solve of it is garbage
+    _, info = torch.linalg.cholesky_ex(right.float())
+    assert info.item() != 0
+    w = weights["p0"]
+    left = lam * w + w @ t.T @ c + w @ p.T @ p
+    float32 = torch.linalg.solve(right.float(), left.float().T).T.double()
+    assert relative(float32, dense_ridge(w, lam, c, t @ w.T, p)) > 0.1
+
+
+def test_lora_targets_match_the_dense_formula():
+    g = torch.Generator().manual_seed(4)
+    d, lam, rank = 32, 0.3, 2
+    weights = projections(g, d=d)
+    concept_tokens = [torch.randn(n, d, generator=g, dtype=F64) for n in (7, 11, 5)]
+    p = torch.randn(40, d, generator=g, dtype=F64)
+    # concept 2 has no LoRA on p1; a rank-r LoRA per (concept, projection) otherwise
+    loras = [
+        {name: (torch.randn(w.shape[0], rank, generator=g, dtype=F64), torch.randn(rank, d, generator=g, dtype=F64))
+         for name, w in weights.items() if not (k == 2 and name == "p1")}
+        for k in range(3)
+    ]
+    originals = {name: w.clone() for name, w in weights.items()}
+    fused = fuse_loras(weights, loras, [gram(x) for x in concept_tokens], gram(p), lam)
+    assert all(torch.equal(weights[name], originals[name]) for name in weights), "inputs left as they were"
+    sources = torch.cat(concept_tokens)
+    for name, w in weights.items():
+        targets = torch.cat([
+            x @ (w + (loras[k][name][0] @ loras[k][name][1] if name in loras[k] else 0)).T
+            for k, x in enumerate(concept_tokens)
+        ])
+        assert relative(fused[name], dense_ridge(w, lam, sources, targets, p)) < 1e-12, name
+
+
+def test_lora_fusion_keeps_dtypes_and_rejects_unknown_projections():
+    w = {"a": torch.randn(4, 8)}
+    up, down = torch.randn(4, 1), torch.randn(1, 8)
+    fused = fuse_loras(w, [{"a": (up, down)}], [gram(torch.randn(3, 8))], torch.zeros(8, 8), 0.5)
+    assert fused["a"].dtype == torch.float32 and fused["a"].shape == (4, 8)
+    with pytest.raises(ValueError, match="not given: b"):
+        fuse_loras(w, [{"b": (up, down)}], [gram(torch.randn(3, 8))], torch.zeros(8, 8), 0.5)
+    with pytest.raises(ValueError, match="concept Grams"):
+        fuse_loras(w, [{"a": (up, down)}], [], torch.zeros(8, 8), 0.5)
+
+
+def test_mapping_fit_and_factor_errors():
+    g = torch.Generator().manual_seed(5)
+    c, t = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    grams = RidgeGrams.zeros(16)
+    grams.add_edit(c, t)
+    grams.preserved += gram(torch.randn(20, 16, generator=g))
+    loose, tight = (mapping_fit(grams, mapping_matrix(grams, lam)) for lam in (100.0, 1e-3))
+    assert 0 < tight["erased_residual"] < loose["erased_residual"] < 1
+    assert tight["preserved_change"] > loose["preserved_change"] > 0
+    with pytest.raises(ValueError, match="positive"):
+        ridge_factor(0.0, grams.sources)
+    with pytest.raises(UserError, match="raise lambda"):
+        ridge_factor(1e-3, -torch.eye(16, dtype=F64))
+
+
+def test_prompt_gram_streams_in_batches(tiny_pipeline_dir):
+    from fasterase.models.loading import load_pipeline
+    from fasterase.models.text import encode_prompts
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    prompts = ["a circle", "a red square", "", "a photo of a star", "a blue ring"]
+    whole = gram(encode_prompts(pipe, prompts))
+    assert torch.allclose(prompt_gram(pipe, prompts, batch_size=2), whole, rtol=1e-10, atol=1e-8)
+
+
+def test_gram_cache_round_trip_and_refusal(tiny_pipeline_dir, tmp_path):
+    from fasterase.models.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    cache = preservation_gram(pipe, ["a circle", "a square", "a star"], "tiny", batch_size=2)
+    assert cache.prompts == 3 and cache.gram.dtype == F64
+    path = tmp_path / "gram.safetensors"
+    save_gram(path, cache)
+    assert os.listdir(tmp_path) == ["gram.safetensors"], "no temporary file left behind"
+    loaded = load_gram(path, pipe)
+    assert torch.equal(loaded.gram, cache.gram)
+    assert (loaded.prompts, loaded.text_encoder, loaded.model) == (3, cache.text_encoder, "tiny")
+    # the same text encoder with another UNet is fine; another text encoder is refused
+    assert load_gram(path, types.SimpleNamespace(unet=nn.Linear(2, 2), text_encoder=pipe.text_encoder)).prompts == 3
+    with pytest.raises(UserError, match="text encoder of 'tiny'"):
+        load_gram(path, types.SimpleNamespace(unet=pipe.unet, text_encoder=nn.Linear(2, 2)))
+    save_gram(path, PreservationGram(torch.eye(2, dtype=F64), 1, "other", "tiny"))
+    with pytest.raises(UserError, match="text encoder"):
+        load_gram(path, pipe)
+
+
+def test_gram_cache_refuses_other_files(tmp_path):
+    from fasterase.edits import save_key
+
+    save_key(tmp_path / "key.safetensors", {"prompt": torch.zeros(2)}, {"method": "kpop"})
+    with pytest.raises(UserError, match="not a fasterase-gram file"):
+        load_gram(tmp_path / "key.safetensors", None)
+    with pytest.raises(UserError, match="no such file"):
+        load_gram(tmp_path / "missing.safetensors", None)
