@@ -169,6 +169,15 @@ def _cmd_toyworld_report(args) -> int:
     return 0
 
 
+def _cmd_toyworld_images(args) -> int:
+    from .toyworld.folders import write_concept_folder
+
+    paths = write_concept_folder(args.concept, args.out, args.masks, count=args.n, seed=args.seed)
+    facts = {"images": [str(p) for p in paths], "masks": args.masks}
+    print(json.dumps(facts) if args.json else f"wrote {len(paths)} images of {args.concept} to {args.out}" + (f", masks to {args.masks}" if args.masks else ""))
+    return 0
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per image")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
@@ -242,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, default=32, help="images per shape")
     q.add_argument("--json", action="store_true")
     q.set_defaults(run=_cmd_toyworld_report)
+    q = world_sub.add_parser("images", help="write a concept's procedural images (and exact masks) to folders, for --images/--masks")
+    q.add_argument("--concept", required=True)
+    q.add_argument("--out", required=True, help="the image folder")
+    q.add_argument("--masks", help="the mask folder (same file names)")
+    q.add_argument("--n", type=int, default=8, help="images to write")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd_toyworld_images)
     return parser
 
 

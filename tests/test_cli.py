@@ -147,3 +147,12 @@ def test_evaluate_compares_several_edits_in_one_table(capsys, tmp_path):
     assert main(["evaluate", *edits, "--n", "2", "--sample-steps", "4", "--grid", str(tmp_path / "g.png")]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[1].startswith("original") and "kpop" in table and "uce" in table and "ring" in table
+
+
+def test_toyworld_images_writes_folders_that_erase_reads(capsys, tmp_path):
+    import json
+
+    assert main(["toyworld", "images", "--concept", "circle", "--out", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"), "--n", "3", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert len(facts["images"]) == 3 and len(list((tmp_path / "mask").iterdir())) == 3
+    run_failing(capsys, ["toyworld", "images", "--concept", "nothing-here", "--out", str(tmp_path / "x")])
