@@ -156,3 +156,38 @@ def test_toyworld_images_writes_folders_that_erase_reads(capsys, tmp_path):
     facts = json.loads(capsys.readouterr().out)
     assert len(facts["images"]) == 3 and len(list((tmp_path / "mask").iterdir())) == 3
     run_failing(capsys, ["toyworld", "images", "--concept", "nothing-here", "--out", str(tmp_path / "x")])
+
+
+def _fmn_argv(tmp_path, *extra: str) -> list[str]:
+    return ["erase", "--method", "fmn", "--concept", "circle", "--steps", "1", "--out", str(tmp_path / "out" / "edit.safetensors"), *extra]
+
+
+def test_image_folder_without_a_readable_image(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "notes.txt").write_text("not an image")
+    err = run_failing(capsys, _fmn_argv(tmp_path, "--images", str(images)))
+    assert "no readable image in" in err
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_mask_folder_that_does_not_match_the_images(capsys, tmp_path):
+    from fasterase.toyworld.folders import write_concept_folder
+
+    (tmp_path / "out").mkdir()
+    write_concept_folder("circle", tmp_path / "images", tmp_path / "masks", count=3)
+    next((tmp_path / "masks").iterdir()).unlink()
+    err = run_failing(capsys, _fmn_argv(tmp_path, "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")))
+    assert "do not match the images" in err and "no mask for circle-0" in err
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("argv", [
+    ["erase", "--method", "fmn", "--concept", "circle", "--masks", "/nonexistent"],
+    ["erase", "--method", "fmn", "--concept", "circle", "--images", "/nonexistent"],
+    ["erase", "--method", "uce"],
+])
+def test_method_specific_bad_input(capsys, tmp_path, argv):
+    run_failing(capsys, argv + ["--out", str(tmp_path / "e.safetensors")])
+    assert not list(tmp_path.iterdir())

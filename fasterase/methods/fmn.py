@@ -1,0 +1,202 @@
+"""Forget-Me-Not: attention re-steering (Zhang et al., 2023).
+
+The model is fine-tuned so that image positions stop attending to the concept's tokens: on noisy
+latents of the concept's images under the concept's prompts, every cross-attention layer captures
+the squared attention probabilities on those tokens, and their sum is the loss. Only those
+statistics are captured (`fasterase.attention.AttentionCapture`): no attention map is stored, and
+self-attention is untouched.
+
+Token selection: the concept's sub-tokens, and with `include_end` every position from the first
+end-of-text token on. On SD1.x and the built-in world the padding is the end-of-text token, so
+that is the reference's "pooler" option extended to the whole padding, where a CLIP text encoder
+spreads the caption (the concept) too.
+
+Optional first step, textual inversion: `inversion_tokens` new token vectors per concept are
+learnt so that the frozen model denoises the concept's images from prompts that name the concept
+with them; the re-steering loss then targets those tokens instead of the concept's own.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import AttentionCapture, capture_processors
+from ..concept_images import ConceptImages, ImageMethodConfig, concept_images
+from ..config import option
+from ..errors import UserError
+from ..evaluation.sampling import SamplingConfig
+from ..models.text import encode_prompts, token_columns
+from . import ErasureResult, Method, Progress, register
+from .parameters import PARAMETER_SETS, select_parameters
+from .training import autocast, changed_tensors, run_steps, trainable
+
+
+
+@dataclass
+class FMNConfig(ImageMethodConfig):
+    steps: int = option(35, "re-steering steps")
+    lr: float = option(2e-4, "AdamW learning rate (the paper's 2e-6 is for SD; preset sd14)")
+    trainable: str = option("all", f"UNet parameters to train: {', '.join(PARAMETER_SETS)} (the reference: all)")
+    include_end: bool = option(True, "also re-steer the end-of-text positions (on SD1.x: the padding too)")
+    batch_size: int = option(4, "items (image, prompt, timestep) of each concept per step")
+    image_count: int = option(8, "images per concept drawn by the base model when no folder is given")
+    templates: list[str] = option(
+        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
+        "prompts of a concept; {} stands for the concept",
+    )
+    inversion_steps: int = option(0, "textual-inversion steps before re-steering (0: target the concept's own tokens)")
+    inversion_tokens: int = option(1, "learnt token vectors per concept")
+    inversion_lr: float = option(5e-3, "Adam learning rate of textual inversion")
+    log_every: int = option(5, "steps between progress reports (each reads the loss off the device)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.trainable not in PARAMETER_SETS:
+            raise UserError(f"trainable must be one of {', '.join(PARAMETER_SETS)}, not {self.trainable!r}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise UserError("every template must contain {} where the concept goes")
+        for name in ("batch_size", "image_count", "inversion_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1")
+        if self.inversion_steps < 0:
+            raise UserError("inversion_steps must be at least 0")
+
+
+class InvertedTokens(nn.Module):
+    """Textual inversion's new words: placeholder tokens added to a copy of the tokenizer, whose
+    vectors are learnt while the text encoder stays as it is (its embedding table is not resized;
+    a hook puts the vectors in place of the placeholders' embeddings)."""
+
+    def __init__(self, pipe, concepts: list[str], count: int):
+        super().__init__()
+        self.tokenizer = copy.deepcopy(pipe.tokenizer)
+        embedding = pipe.text_encoder.get_input_embeddings()
+        self.first_id = embedding.num_embeddings
+        self.words = {c: " ".join(f"<{c.replace(' ', '_')}-{i}>" for i in range(count)) for c in concepts}
+        added = self.tokenizer.add_tokens(" ".join(self.words.values()).split())
+        if added != count * len(concepts) or len(self.tokenizer) != self.first_id + added:
+            raise UserError("the tokenizer's vocabulary does not match the text encoder's embeddings; textual inversion needs them equal")
+        # Start from the concepts' own token vectors, as textual inversion usually does.
+        init = []
+        for concept in concepts:
+            ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
+            init += [embedding.weight[ids[i % len(ids)]].detach().clone() for i in range(count)]
+        self.vectors = nn.Parameter(torch.stack(init))
+
+    def encode(self, text_encoder, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder states (N, 77, d) of prompts that may contain the new words."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(text_encoder.device)
+        placeholder = ids >= self.first_id
+        learnt = self.vectors[(ids - self.first_id).clamp(min=0)]
+
+        def substitute(module, args, out):
+            return torch.where(placeholder[..., None], learnt.to(out.dtype), out)
+
+        hook = text_encoder.get_input_embeddings().register_forward_hook(substitute)
+        try:
+            return text_encoder(torch.where(placeholder, 0, ids))[0]
+        finally:
+            hook.remove()
+
+
+@register
+class ForgetMeNot(Method):
+    name = "fmn"
+    config_class = FMNConfig
+
+    def erase(self, pipe, cfg: FMNConfig, progress: Progress | None = None) -> ErasureResult:
+        unet, device = pipe.unet, pipe.device
+        images = concept_images(
+            pipe, cfg.concepts, cfg.images, cfg.masks, count=cfg.image_count, templates=cfg.templates,
+            sampling=SamplingConfig(seed=cfg.seed),
+        )
+        # Every (concept, template) prompt, concept-major; the names the loss targets in them.
+        names = list(cfg.concepts)
+        if cfg.inversion_steps:
+            inverted = InvertedTokens(pipe, cfg.concepts, cfg.inversion_tokens).to(device)
+            self._invert(pipe, cfg, images, inverted, progress)
+            names = [inverted.words[c] for c in cfg.concepts]
+        prompts = [t.format(name) for name in names for t in cfg.templates]
+        with torch.no_grad():
+            context = inverted.encode(pipe.text_encoder, prompts) if cfg.inversion_steps else encode_prompts(pipe, prompts)
+        tokenizer = inverted.tokenizer if cfg.inversion_steps else pipe.tokenizer
+        columns = token_columns(tokenizer, prompts, [n for n in names for _ in cfg.templates], cfg.include_end).to(device)
+
+        plan = _draw_items(pipe, cfg, images, len(cfg.templates))
+        capture = AttentionCapture(columns[:0])
+        params = select_parameters(unet, cfg.trainable)
+        optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)
+        mixed_precision = autocast(device, cfg.dtype)
+
+        def step(i: int) -> dict[str, torch.Tensor]:
+            image, prompt, t, noise = plan.image[i], plan.prompt[i], plan.timestep[i], plan.noise[i]
+            x = pipe.scheduler.add_noise(images.latents[image], noise, t)
+            capture.columns = columns[prompt]
+            capture.masks = None if images.masks is None else images.masks[image]
+            capture.stats.clear()
+            with mixed_precision:
+                unet(x, t, context[prompt])
+            loss = capture.watched_sq().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"attention": loss.detach()}
+
+        with trainable(params), capture_processors(unet, capture, cfg.backend):
+            run_steps(step, cfg.steps, cfg.log_every, progress)
+        return ErasureResult(tensors=changed_tensors("unet", params))
+
+    @staticmethod
+    def _invert(pipe, cfg: FMNConfig, images: ConceptImages, inverted: InvertedTokens, progress: Progress | None) -> None:
+        """Learns the new tokens' vectors: the frozen model should denoise the concept's images
+        from the prompts that name the concept with them."""
+        prompts = [t.format(inverted.words[c]) for c in cfg.concepts for t in cfg.templates]
+        plan = _draw_items(pipe, cfg, images, len(cfg.templates), seed_offset=1, steps=cfg.inversion_steps)
+        optimizer = torch.optim.Adam([inverted.vectors], lr=cfg.inversion_lr)
+        mixed_precision = autocast(pipe.device, cfg.dtype)
+
+        def step(i: int) -> dict[str, torch.Tensor]:
+            image, prompt, t, noise = plan.image[i], plan.prompt[i], plan.timestep[i], plan.noise[i]
+            x = pipe.scheduler.add_noise(images.latents[image], noise, t)
+            context = inverted.encode(pipe.text_encoder, prompts)[prompt]
+            with mixed_precision:
+                pred = pipe.unet(x, t, context).sample.float()
+            loss = nn.functional.mse_loss(pred, noise.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"inversion": loss.detach()}
+
+        report = None if progress is None else (lambda step, total, losses: progress(0, cfg.steps, losses))
+        run_steps(step, cfg.inversion_steps, cfg.log_every, report)
+        inverted.vectors.requires_grad_(False)
+
+
+@dataclass
+class _Items:
+    """Per step, which image, which prompt, which timestep and which noise each item uses."""
+
+    image: torch.Tensor  # (steps, B)
+    prompt: torch.Tensor  # (steps, B), into the concept-major (concept, template) prompts
+    timestep: torch.Tensor  # (steps, B)
+    noise: torch.Tensor  # (steps, B, C, h, w)
+
+
+def _draw_items(pipe, cfg: FMNConfig, images: ConceptImages, templates: int, seed_offset: int = 0, steps: int | None = None) -> _Items:
+    """Every step's items, drawn before training: `batch_size` of each concept, each one of the
+    concept's images under one of its prompts at a uniform timestep."""
+    steps = cfg.steps if steps is None else steps
+    generator = torch.Generator().manual_seed(cfg.seed + seed_offset)
+    image = images.schedule(len(cfg.concepts), steps, cfg.batch_size, generator).cpu()
+    concept = torch.arange(len(cfg.concepts)).repeat_interleave(cfg.batch_size)
+    prompt = concept * templates + torch.randint(templates, (steps, concept.numel()), generator=generator)
+    timestep = torch.randint(pipe.scheduler.config.num_train_timesteps, (steps, concept.numel()), generator=generator)
+    noise = torch.randn((steps, concept.numel(), *images.latents.shape[1:]), generator=generator)
+    device = images.latents.device
+    return _Items(image.to(device), prompt.to(device), timestep.to(device), noise.to(device, images.latents.dtype))

@@ -1,0 +1,59 @@
+"""Forget-Me-Not: attention re-steering through captured statistics, with optional textual inversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasterase import api
+from fasterase.config import make_config
+from fasterase.errors import UserError
+from fasterase.methods.fmn import FMNConfig, ForgetMeNot
+from fasterase.models.loading import load_pipeline
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"trainable": "cross_attention", "include_end": False},
+    {"inversion_steps": 2, "inversion_tokens": 2},
+])
+def test_fmn_changes_only_its_trainable_set(tiny_pipeline_dir, options):
+    pipe = load_pipeline(tiny_pipeline_dir)
+    before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
+    text_before = {n: p.clone() for n, p in pipe.text_encoder.named_parameters()}
+    cfg = make_config(FMNConfig, {"concepts": ["circle", "ring"], "steps": 2, "image_count": 2, "batch_size": 2, "log_every": 1, **options})
+    reports = []
+    result = ForgetMeNot().erase(pipe, cfg, progress=lambda step, total, losses: reports.append((step, total, losses)))
+    changed = {f"unet.{n}" for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(result.tensors)
+    assert all(".attn2." in n for n in result.tensors) == (options.get("trainable") == "cross_attention")
+    assert all(torch.equal(p, text_before[n]) for n, p in pipe.text_encoder.named_parameters()), "the text encoder stays"
+    assert reports[-1][:2] == (2, 2) and "attention" in reports[-1][2]
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+    assert len(pipe.tokenizer) == pipe.text_encoder.get_input_embeddings().num_embeddings, "inversion leaves the tokenizer alone"
+
+
+def test_inversion_learns_vectors_that_reduce_the_denoising_loss(tiny_pipeline_dir):
+    """The inverted words are used: re-steering then targets them, not the concept's own token."""
+    from fasterase.methods.fmn import InvertedTokens
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    inverted = InvertedTokens(pipe, ["circle"], 2)
+    states = inverted.encode(pipe.text_encoder, ["a photo of a " + inverted.words["circle"]])
+    (grad,) = torch.autograd.grad(states.square().sum(), [inverted.vectors])
+    assert grad.shape == (2, pipe.text_encoder.config.hidden_size) and grad.abs().sum() > 0
+
+
+def test_bad_options():
+    for options in ({"trainable": "text"}, {"batch_size": 0}, {"inversion_steps": -1}, {"masks": "somewhere"}):
+        with pytest.raises(UserError):
+            make_config(FMNConfig, {"concepts": ["circle"], **options})
+
+
+@pytest.mark.slow
+def test_fmn_erases_a_shape(tmp_path):
+    summary = api.erase("fmn", ["circle"], out=tmp_path / "fmn.safetensors")
+    r = api.evaluate(summary.edit, n=16)
+    assert r["original"]["esr1"] <= 0.15, "the base model must draw circles for the test to mean anything"
+    assert r["esr1"] >= 0.80
+    assert r["psr1"] >= 0.80 * r["original"]["psr1"]
