@@ -12,12 +12,15 @@ from fasterase.methods.fmn import FMNConfig, ForgetMeNot
 from fasterase.models.loading import load_pipeline
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"trainable": "cross_attention", "include_end": False},
-    {"inversion_steps": 2, "inversion_tokens": 2},
+KV = (".attn2.to_k.", ".attn2.to_v.")
+
+
+@pytest.mark.parametrize("options, belongs", [
+    ({}, lambda name: any(part in name for part in KV)),
+    ({"trainable": "cross_attention", "include_end": False}, lambda name: ".attn2." in name),
+    ({"trainable": "all", "inversion_steps": 2, "inversion_tokens": 2}, lambda name: True),
 ])
-def test_fmn_changes_only_its_trainable_set(tiny_pipeline_dir, options):
+def test_fmn_changes_only_its_trainable_set(tiny_pipeline_dir, options, belongs):
     pipe = load_pipeline(tiny_pipeline_dir)
     before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
     text_before = {n: p.clone() for n, p in pipe.text_encoder.named_parameters()}
@@ -26,7 +29,7 @@ def test_fmn_changes_only_its_trainable_set(tiny_pipeline_dir, options):
     result = ForgetMeNot().erase(pipe, cfg, progress=lambda step, total, losses: reports.append((step, total, losses)))
     changed = {f"unet.{n}" for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(result.tensors)
-    assert all(".attn2." in n for n in result.tensors) == (options.get("trainable") == "cross_attention")
+    assert all(belongs(n) for n in result.tensors)
     assert all(torch.equal(p, text_before[n]) for n, p in pipe.text_encoder.named_parameters()), "the text encoder stays"
     assert reports[-1][:2] == (2, 2) and "attention" in reports[-1][2]
     assert not any(p.requires_grad for p in pipe.unet.parameters())
@@ -45,7 +48,7 @@ def test_inversion_learns_vectors_that_reduce_the_denoising_loss(tiny_pipeline_d
 
 
 def test_bad_options():
-    for options in ({"trainable": "text"}, {"batch_size": 0}, {"inversion_steps": -1}, {"masks": "somewhere"}):
+    for options in ({"trainable": "text_encoder"}, {"batch_size": 0}, {"inversion_steps": -1}, {"masks": "somewhere"}):
         with pytest.raises(UserError):
             make_config(FMNConfig, {"concepts": ["circle"], **options})
 
