@@ -29,7 +29,7 @@ class EvaluationPlan:
 def plan_for(judge: Judge, erased: list[str], preserve: list[str] | None, n: int) -> EvaluationPlan:
     """Without an explicit preservation list: every sibling of the erased concepts, with their
     look-alikes reported on their own."""
-    for concept in erased + (preserve or []):
+    for concept in list(erased) + list(preserve or []):
         judge.check(concept)
     lookalikes = [c for e in erased if (c := judge.lookalike(e)) and c not in erased]
     if preserve is None:

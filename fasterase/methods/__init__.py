@@ -52,4 +52,4 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-from . import ca, esd, fewshot, fmn, kpop, uce  # noqa: E402,F401  (each registers itself)
+from . import ca, esd, fewshot, fmn, kpop, mace, uce  # noqa: E402,F401  (each registers itself)

@@ -1,0 +1,271 @@
+"""MACE: mass concept erasure (Lu et al., 2024), in three stages over the cross-attention keys and
+values of the UNet.
+
+1. Closed-form refinement (CFR). Every to_k/to_v projection W is replaced by the ridge solution
+   (`fasterase.closed_form`) that sends the text embeddings of each concept's prompts where W sends
+   the same prompts with the mapping concept in its place, keeps W on the preserved concepts'
+   prompts (and optionally a cached Gram of many prompts), and stays near W (lambda). The concept's
+   positions are its first sub-token and every position after it (its sub-tokens, the words after
+   it, end of text and padding, where a CLIP text encoder spreads the caption); each is paired with
+   the mapping prompt's embedding at the same position. The positions before the concept are kept
+   where W sends them: the text encoder is causal, so they are the same in any prompt that begins
+   alike (the reference keeps them by aligning the common prefix). The reference aligns the tail
+   after the concept with the mapping prompt's tail instead of pairing by position; for the
+   default empty mapping, pairing by position kept the other shapes best in UCE on the built-in
+   world. Every projection shares the Grams: one accumulation, one factorisation, W* = W M for all.
+   The default mapping is the empty concept: it needs no word of any vocabulary, so it works on any
+   model, and it sends the concept towards what the template alone draws.
+2. One rank-r LoRA per concept on every cross-attention to_k and to_v (peft), trained so that image
+   positions stop attending to the concept's tokens: the loss is the captured sum of squared
+   attention probabilities on them (`fasterase.attention.AttentionCapture`), inside the concept's
+   masks when the images have masks. Timesteps are drawn with the reference's concept-focal
+   importance density, sigmoid(0.05 (t - 200)) - sigmoid(0.05 (t - 400)). All concepts train in the
+   same step: their LoRAs are the slices of one peft LoRA of rank r x concepts, and each batch item
+   sees only its own concept's slice (a fixed 0/1 mask on the rank dimension, applied before the
+   up projection), so a step is one forward and backward of fixed shape over every concept's
+   items, and each concept's factors receive only its own items' gradients.
+3. Fusion. The LoRAs are merged into one set of to_k/to_v weights by the same ridge solve: each
+   concept's positions (as in stage 1) are sent where the refined weights plus that concept's LoRA
+   send them, with the same preservation terms, including the positions before the concept
+   (`fasterase.closed_form.fuse_loras`: no dense B A is formed). The reference fuses every position
+   of the concept's prompts; then a LoRA's change of the start token, which every prompt shares,
+   reaches every prompt: on the built-in world (lr 1e-2) PSR-1 fell to 0.03 that way, 0.53 this way.
+
+The edit is the fused to_k/to_v weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from ..attention import AttentionCapture, capture_processors
+from ..closed_form import RidgeGrams, edit_weights, fuse_loras, gram, load_gram, mapping_matrix, prompt_gram
+from ..concept_images import ConceptImages, ImageMethodConfig, concept_images
+from ..config import option
+from ..errors import UserError
+from ..evaluation.sampling import SamplingConfig
+from ..models.text import encode_prompts, token_columns
+from . import ErasureResult, Method, Progress, register
+from .parameters import select_parameters
+from .training import autocast, run_steps, trainable
+
+
+@dataclass
+class MACEConfig(ImageMethodConfig):
+    steps: int = option(50, "LoRA training steps; each step carries every concept")
+    mapping: list[str] = option(
+        [""], "what each concept's prompt tokens are mapped to in the refinement: one concept for all or one per concept; '' is nothing (the template's other words)"
+    )
+    templates: list[str] = option(
+        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
+        "prompts of a concept (erased, mapping or preserved); {} stands for the concept",
+    )
+    lam: float = option(0.5, "lambda: pull of every projection towards its current weights (refinement and fusion)")
+    preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
+    preserve_gram: str = option("", "a cached Gram of prompts to preserve (fasterase.closed_form.save_gram); '' for none")
+    rank: int = option(1, "rank of each concept's LoRA")
+    lr: float = option(1e-3, "AdamW learning rate of the LoRAs (the paper's 1e-5 is for SD; preset sd14)")
+    batch_size: int = option(2, "items (image, prompt, timestep) of each concept per step")
+    image_count: int = option(8, "images per concept drawn by the base model when no folder is given")
+    include_end: bool = option(True, "the attention loss also watches the end-of-text positions (on SD1.x: the padding too)")
+    importance_sampling: bool = option(True, "draw timesteps from the concept-focal density (else uniformly)")
+    log_every: int = option(10, "steps between progress reports (each reads the loss off the device)")
+
+    def prompt_concepts(self) -> list[str]:
+        return super().prompt_concepts() + [m for m in dict.fromkeys(self.mapping) if m]
+
+    def mappings(self) -> list[str]:
+        """The mapping concept of each erased concept."""
+        return self.mapping * len(self.concepts) if len(self.mapping) == 1 else list(self.mapping)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.mapping, str) or not all(isinstance(m, str) for m in self.mapping):
+            raise UserError("mapping must be a list of strings")
+        if len(self.mapping) != 1 and len(self.mapping) != len(self.concepts):
+            raise UserError(f"mapping must name one concept for all or one per erased concept ({len(self.concepts)}), not {len(self.mapping)}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise UserError("every template must contain {} where the concept goes")
+        if self.lam <= 0:
+            raise UserError(f"lam must be positive, not {self.lam}")
+        if self.preserve_scale < 0:
+            raise UserError("preserve_scale must be at least 0")
+        for name in ("rank", "batch_size", "image_count", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1")
+
+
+def focal_timesteps(num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator, focal: bool = True) -> torch.Tensor:
+    """Timesteps drawn from MACE's concept-focal density over 0 .. num_train_timesteps - 1,
+    proportional to sigmoid(0.05 (t - 200)) - sigmoid(0.05 (t - 400)): the steps where the
+    concept's layout forms (or uniformly, when not focal)."""
+    t = torch.arange(num_train_timesteps, dtype=torch.float64)
+    density = torch.sigmoid(0.05 * (t - 200)) - torch.sigmoid(0.05 * (t - 400)) if focal else torch.ones_like(t)
+    return torch.multinomial(density, math.prod(shape), replacement=True, generator=generator).view(shape)
+
+
+def concept_positions(tokenizer, prompts: list[str], concepts: list[str]) -> torch.Tensor:
+    """(N, 77) bool: in each prompt, every position from its concept's first sub-token on."""
+    columns = token_columns(tokenizer, prompts, concepts)
+    positions = torch.arange(columns.shape[1])
+    first = torch.where(columns, positions, columns.shape[1]).amin(1)
+    return positions >= first[:, None]
+
+
+ADAPTER = "mace"
+
+
+@dataclass
+class ConceptLoRAs:
+    """One rank-r LoRA per concept on every cross-attention to_k/to_v, held as the slices of one
+    peft LoRA of rank concepts x r: concept k owns rank components k*r ... (k+1)*r - 1."""
+
+    layers: dict[str, nn.Module]  # projection module name -> its peft LoRA layer
+    rank: int
+    item_mask: torch.Tensor  # (B, concepts x r): which components each batch item goes through
+
+    def route(self, concept_of_item: torch.Tensor) -> None:
+        """From now on batch item b goes through concept_of_item[b]'s LoRA alone."""
+        concepts = self.item_mask.shape[1] // self.rank
+        self.item_mask = nn.functional.one_hot(concept_of_item, concepts).repeat_interleave(self.rank, 1).to(self.item_mask)
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        return {f"{name}.lora_{part}": getattr(layer, f"lora_{part}")[ADAPTER].weight for name, layer in self.layers.items() for part in "AB"}
+
+    def factors(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Concept k's LoRA: for every projection weight, (up (d_out, r), down (r, d)), scale folded in."""
+        part = slice(k * self.rank, (k + 1) * self.rank)
+        return {
+            f"{name}.weight": (layer.lora_B[ADAPTER].weight[:, part].detach() * layer.scaling[ADAPTER], layer.lora_A[ADAPTER].weight[part].detach())
+            for name, layer in self.layers.items()
+        }
+
+
+@contextlib.contextmanager
+def concept_loras(unet, concepts: int, rank: int, seed: int = 0) -> Iterator[ConceptLoRAs]:
+    """A block in which every cross-attention to_k/to_v of `unet` carries the concepts' LoRAs
+    (peft's default init: up factors zero, down factors random, drawn from `seed`); each item's text goes through its own concept's LoRA,
+    the mask applied between the down and up projections. On exit the UNet gets its own projection
+    modules back."""
+    targets = sorted({name.rsplit(".", 1)[0] for name in select_parameters(unet, "cross_attention_kv")})
+    originals = {t: unet.get_submodule(t) for t in targets}
+    had_config = hasattr(unet, "peft_config")
+    config = LoraConfig(r=concepts * rank, lora_alpha=concepts * rank, lora_dropout=0.0, target_modules=targets)
+    with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
+    loras = ConceptLoRAs({t: unet.get_submodule(t) for t in targets}, rank, torch.ones(1, concepts * rank, device=unet.device, dtype=unet.dtype))
+
+    def select(module, args):
+        (x,) = args  # (B, tokens, concepts x r)
+        return (x * loras.item_mask[:, None, :],)
+
+    hooks = [layer.lora_B[ADAPTER].register_forward_pre_hook(select) for layer in loras.layers.values()]
+    try:
+        yield loras
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for target, module in originals.items():
+            parent, _, child = target.rpartition(".")
+            setattr(unet.get_submodule(parent), child, module)
+        unet.peft_config.pop(ADAPTER, None)
+        if not had_config and not unet.peft_config:
+            del unet.peft_config
+
+
+@register
+class MACE(Method):
+    name = "mace"
+    config_class = MACEConfig
+
+    def erase(self, pipe, cfg: MACEConfig, progress: Progress | None = None) -> ErasureResult:
+        unet, device = pipe.unet, pipe.device
+        if not cfg.concepts:
+            raise UserError("mace needs at least one concept to erase")
+        cached = load_gram(cfg.preserve_gram, pipe).gram.to(device) if cfg.preserve_gram else None
+        images = concept_images(
+            pipe, cfg.concepts, cfg.images, cfg.masks, count=cfg.image_count, templates=cfg.templates,
+            sampling=SamplingConfig(seed=cfg.seed),
+        )
+        prompts = [t.format(c) for c in cfg.concepts for t in cfg.templates]  # concept-major
+        with torch.no_grad():
+            context = encode_prompts(pipe, prompts)
+            preserved = cfg.preserve_scale * prompt_gram(pipe, [""] + [t.format(p) for p in cfg.preserve for t in cfg.templates])
+            if cached is not None:
+                preserved += cfg.preserve_scale * cached.to(preserved.device)
+            edited = concept_positions(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates]).to(device)
+            # Before the concept a prompt's embeddings are those of any prompt with the same
+            # beginning (the text encoder is causal): both solves keep their projections.
+            preserved += gram(context, ~edited)
+        weights = select_parameters(unet, "cross_attention_kv")
+        self._refine(pipe, cfg, context, edited, preserved, weights)
+        loras = self._train(pipe, cfg, images, prompts, context, progress)
+        with torch.no_grad():
+            by_concept = (len(cfg.concepts), len(cfg.templates), *context.shape[1:])
+            concept_grams = [gram(own, mask) for own, mask in zip(context.view(by_concept), edited.view(by_concept[:3]))]
+            fused = fuse_loras({n: p.detach() for n, p in weights.items()}, loras, concept_grams, preserved, cfg.lam)
+            for name, value in fused.items():
+                weights[name].copy_(value)
+        return ErasureResult(tensors={f"unet.{name}": value.detach().cpu().clone() for name, value in fused.items()})
+
+    @staticmethod
+    @torch.no_grad()
+    def _refine(pipe, cfg: MACEConfig, context: torch.Tensor, edited: torch.Tensor, preserved: torch.Tensor, weights: dict) -> None:
+        """Stage 1: every to_k/to_v W becomes W M, M the one ridge solution that maps each concept's
+        prompt tokens (the `edited` positions) to the mapping prompt's at the same positions."""
+        mapped = encode_prompts(pipe, [t.format(m) for m in cfg.mappings() for t in cfg.templates])
+        grams = RidgeGrams.zeros(context.shape[-1], context.device)
+        grams.add_edit(context, mapped, edited)
+        grams.preserved += preserved.to(grams.preserved.device)
+        mapping = mapping_matrix(grams, cfg.lam)
+        for name, value in edit_weights({n: p.detach() for n, p in weights.items()}, mapping).items():
+            weights[name].copy_(value)
+
+    @staticmethod
+    def _train(pipe, cfg: MACEConfig, images: ConceptImages, prompts: list[str], context: torch.Tensor, progress: Progress | None):
+        """Stage 2: every concept's LoRA, trained together; returns per concept, for every
+        projection, its factors (up (d_out, r), down (r, d)), the LoRA's scale folded in."""
+        unet, device = pipe.unet, pipe.device
+        count, templates = len(cfg.concepts), len(cfg.templates)
+        columns = token_columns(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates], cfg.include_end).to(device)
+
+        # Every step's items, drawn up front: batch_size of each concept, concept-major.
+        generator = torch.Generator().manual_seed(cfg.seed)
+        image = images.schedule(count, cfg.steps, cfg.batch_size, generator)
+        concept = torch.arange(count).repeat_interleave(cfg.batch_size)
+        prompt = (concept * templates + torch.randint(templates, (cfg.steps, concept.numel()), generator=generator)).to(device)
+        timestep = focal_timesteps(pipe.scheduler.config.num_train_timesteps, prompt.shape, generator, cfg.importance_sampling).to(device)
+        noise = torch.randn((cfg.steps, concept.numel(), *images.latents.shape[1:]), generator=generator).to(device, images.latents.dtype)
+
+        capture = AttentionCapture(columns[:0])
+        mixed_precision = autocast(device, cfg.dtype)
+        with concept_loras(unet, count, cfg.rank, cfg.seed) as loras, capture_processors(unet, capture, cfg.backend):
+            loras.route(concept.to(device))  # the same items' concepts every step
+            params = loras.parameters()
+            optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)
+
+            def step(i: int) -> dict[str, torch.Tensor]:
+                x = pipe.scheduler.add_noise(images.latents[image[i]], noise[i], timestep[i])
+                capture.columns = columns[prompt[i]]
+                capture.masks = None if images.masks is None else images.masks[image[i]]
+                capture.stats.clear()
+                with mixed_precision:
+                    unet(x, timestep[i], context[prompt[i]])
+                # The sum of the concepts' means: each LoRA gets the gradient of its own loss alone.
+                loss = capture.watched_sq().view(count, cfg.batch_size).mean(1).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                return {"attention": loss.detach() / count}
+
+            with trainable(params):
+                run_steps(step, cfg.steps, cfg.log_every, progress)
+            return [loras.factors(k) for k in range(count)]
