@@ -32,6 +32,10 @@ class MethodConfig:
     seed: int = option(0, "random seed of sampling and training")
     backend: str = option("auto", "kernel backend: auto, torch, triton or cuda")
     dtype: str = option("float32", "compute dtype on a GPU: float32, float16 or bfloat16")
+    templates: list[str] = option(
+        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
+        "prompts of a concept; {} stands for the concept (and for an anchor, guide, mapping or neutral one)",
+    )
 
     def __post_init__(self):
         for name in ("concepts", "preserve"):
@@ -46,6 +50,8 @@ class MethodConfig:
             raise UserError(f"backend must be auto, torch, triton or cuda, not {self.backend!r}")
         if self.dtype not in DTYPE_NAMES:
             raise UserError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise UserError("every template must contain {} where the concept goes")
 
     def prompt_concepts(self) -> list[str]:
         """Every concept this config writes into a prompt; each is checked against the tokenizer

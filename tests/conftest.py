@@ -29,3 +29,16 @@ def tiny_pipeline_dir(tmp_path_factory):
     folder = root / "pipeline"
     assemble_pipeline(make_unet(), text_encoder, tokenizer, make_vae()).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+@pytest.fixture
+def assert_erased():
+    """The bar every method meets on the built-in world (issue: ESR-1 >= 80%, PSR-1 >= 80% of the
+    original's), and that fails if the method does nothing: the base model must draw the concept."""
+
+    def check(report: dict, esr1: float = 0.80, psr1: float = 0.80) -> None:
+        assert report["original"]["esr1"] <= 0.15, "the base model must draw the concept for the test to mean anything"
+        assert report["esr1"] >= esr1, report
+        assert report["psr1"] >= psr1 * report["original"]["psr1"], report
+
+    return check

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fasterase.methods.fewshot  # noqa: F401  (registers itself)
 from fasterase import api
 from fasterase.config import make_config
 from fasterase.errors import UserError
@@ -71,24 +70,18 @@ def test_sd14_preset_has_the_papers_settings():
     assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.image_count, cfg.trainable) == (8, 1e-5, 2, 4, "mlp_last_attention")
 
 
-def _assert_erased(r):
-    assert r["original"]["esr1"] <= 0.15, "the base model must draw circles for the test to mean anything"
-    assert r["esr1"] >= 0.80
-    assert r["psr1"] >= 0.80 * r["original"]["psr1"]
-
-
 @pytest.mark.slow
-def test_erases_the_shape_and_keeps_the_others(tmp_path):
+def test_erases_the_shape_and_keeps_the_others(tmp_path, assert_erased):
     summary = api.erase("fewshot", ["circle"], out=tmp_path / "x.safetensors")
-    _assert_erased(api.evaluate(summary.edit, n=16))
+    assert_erased(api.evaluate(summary.edit, n=16))
     from fasterase.edits import load_edit
 
     assert all(k.startswith("text_encoder.") for k in load_edit(summary.edit).tensors)
 
 
 @pytest.mark.slow
-def test_erases_from_a_folder_of_the_worlds_images(tmp_path):
+def test_erases_from_a_folder_of_the_worlds_images(tmp_path, assert_erased):
     write_concept_folder("circle", tmp_path / "circle", count=4)
     summary = api.erase("fewshot", ["circle"], out=tmp_path / "x.safetensors", images=str(tmp_path / "circle"))
     # one preserved shape keeps this test short; the default run above checks all of them
-    _assert_erased(api.evaluate(summary.edit, n=16, preserve=["square"]))
+    assert_erased(api.evaluate(summary.edit, n=16, preserve=["square"]))

@@ -4,12 +4,10 @@ closed-form fusion; only the cross-attention keys and values change."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 
-import fasterase.methods.mace  # noqa: F401  (registers the method)
 from fasterase import api
 from fasterase.cli import main
 from fasterase.config import make_config
@@ -119,12 +117,9 @@ def test_mappings_and_prompt_concepts():
 
 
 @pytest.mark.slow
-def test_mace_erases_a_shape(tmp_path):
+def test_mace_erases_a_shape(tmp_path, assert_erased):
     summary = api.erase("mace", ["circle"], out=tmp_path / "x.safetensors")
-    r = api.evaluate(summary.edit, n=16)
-    assert r["original"]["esr1"] <= 0.15, "the base model must draw circles for the test to mean anything"
-    assert r["esr1"] >= 0.80
-    assert r["psr1"] >= 0.80 * r["original"]["psr1"]
+    assert_erased(api.evaluate(summary.edit, n=16))
 
 
 @pytest.mark.slow
@@ -133,10 +128,8 @@ def test_mace_erases_fifty_emblems_and_keeps_fifty(tmp_path):
     from fasterase.toyworld.world import EMBLEMS
 
     erased, kept = list(EMBLEMS[:50]), list(EMBLEMS[50:])
-    start = time.time()
     summary = api.erase("mace", erased, preserve=kept, image_count=2, out=tmp_path / "x.safetensors")
     r = api.evaluate(summary.edit, concepts=erased, preserve=kept, n=4)
-    print(f"erase {summary.seconds:.0f} s, erase and evaluate {time.time() - start:.0f} s")
     assert r["original"]["esr1"] <= 0.20
     assert r["esr1"] >= 0.80
     assert r["psr1"] >= 0.80 * r["original"]["psr1"]

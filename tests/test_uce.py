@@ -3,12 +3,10 @@ concept's tokens where its guide's go, and erases a shape of the built-in world 
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
-import fasterase.methods.uce  # noqa: F401  (registers the method)
 from fasterase import api
 from fasterase.closed_form import preservation_gram, save_gram
 from fasterase.config import make_config
@@ -100,11 +98,6 @@ def test_guides_and_prompt_concepts():
 
 
 @pytest.mark.slow
-def test_erases_the_shape_and_keeps_the_others(tmp_path):
-    start = time.time()
+def test_erases_the_shape_and_keeps_the_others(tmp_path, assert_erased):
     summary = api.erase("uce", ["circle"], out=tmp_path / "x.safetensors")
-    assert time.time() - start < 60 and summary.seconds < 10, "a closed form takes seconds"
-    r = api.evaluate(summary.edit, n=16)
-    assert r["original"]["esr1"] <= 0.15, "the base model must draw circles for the test to mean anything"
-    assert r["esr1"] >= 0.80
-    assert r["psr1"] >= 0.80 * r["original"]["psr1"]
+    assert_erased(api.evaluate(summary.edit, n=16))

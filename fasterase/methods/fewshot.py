@@ -64,10 +64,6 @@ class FewShotConfig(ImageMethodConfig):
     trainable: str = option("mlp_last_attention", f"text-encoder parameters to update: {', '.join(TEXT_ENCODER_SETS)}")
     image_count: int = option(4, "images per concept the base model draws when no folder is given")
     batch_size: int = option(4, "images of every concept per step, each with its own prompt, noise and timestep")
-    templates: list[str] = option(
-        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
-        "prompts of a concept; {} stands for the concept",
-    )
     sample_steps: int = option(25, "DDIM steps of the drawn images")
     guidance: float = option(5.0, "classifier-free guidance of the drawn images")
     preserve_weight: float = option(1.0, "weight of keeping the preserved concepts' text-encoder states (if any)")
@@ -77,8 +73,6 @@ class FewShotConfig(ImageMethodConfig):
         super().__post_init__()
         if self.trainable not in TEXT_ENCODER_SETS:
             raise UserError(f"trainable must be one of {', '.join(TEXT_ENCODER_SETS)}, not {self.trainable!r}")
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise UserError("every template must contain {} where the concept goes")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
         for name in ("image_count", "batch_size", "sample_steps", "log_every"):

@@ -46,10 +46,6 @@ class FMNConfig(ImageMethodConfig):
     include_end: bool = option(True, "also re-steer the end-of-text positions (on SD1.x: the padding too)")
     batch_size: int = option(4, "items (image, prompt, timestep) of each concept per step")
     image_count: int = option(8, "images per concept drawn by the base model when no folder is given")
-    templates: list[str] = option(
-        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
-        "prompts of a concept; {} stands for the concept",
-    )
     inversion_steps: int = option(0, "textual-inversion steps before re-steering (0: target the concept's own tokens)")
     inversion_tokens: int = option(1, "learnt token vectors per concept")
     inversion_lr: float = option(5e-3, "Adam learning rate of textual inversion")
@@ -59,8 +55,6 @@ class FMNConfig(ImageMethodConfig):
         super().__post_init__()
         if self.trainable not in PARAMETER_SETS:
             raise UserError(f"trainable must be one of {', '.join(PARAMETER_SETS)}, not {self.trainable!r}")
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise UserError("every template must contain {} where the concept goes")
         for name in ("batch_size", "image_count", "inversion_tokens", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1")

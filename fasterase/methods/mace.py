@@ -63,10 +63,6 @@ class MACEConfig(ImageMethodConfig):
     mapping: list[str] = option(
         [""], "what each concept's prompt tokens are mapped to in the refinement: one concept for all or one per concept; '' is nothing (the template's other words)"
     )
-    templates: list[str] = option(
-        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
-        "prompts of a concept (erased, mapping or preserved); {} stands for the concept",
-    )
     lam: float = option(0.5, "lambda: pull of every projection towards its current weights (refinement and fusion)")
     preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
     preserve_gram: str = option("", "a cached Gram of prompts to preserve (fasterase.closed_form.save_gram); '' for none")
@@ -91,8 +87,6 @@ class MACEConfig(ImageMethodConfig):
             raise UserError("mapping must be a list of strings")
         if len(self.mapping) != 1 and len(self.mapping) != len(self.concepts):
             raise UserError(f"mapping must name one concept for all or one per erased concept ({len(self.concepts)}), not {len(self.mapping)}")
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise UserError("every template must contain {} where the concept goes")
         if self.lam <= 0:
             raise UserError(f"lam must be positive, not {self.lam}")
         if self.preserve_scale < 0:

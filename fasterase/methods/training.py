@@ -33,17 +33,11 @@ class TrajectoryConfig(MethodConfig):
     trajectories: int = option(16, "sampled trajectories per concept that training draws x_t from")
     sample_steps: int = option(20, "DDIM steps of those trajectories")
     guidance: float = option(5.0, "classifier-free guidance of those trajectories")
-    templates: list[str] = option(
-        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
-        "prompts of a concept; {} stands for the concept (and for an anchor or neutral one)",
-    )
     preserve_weight: float = option(1.0, "weight of keeping the frozen model's predictions on the preserved concepts (if any)")
     log_every: int = option(10, "steps between progress reports (each reads the losses off the device)")
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise UserError("every template must contain {} where the concept goes")
         for name in ("batch_size", "trajectories", "sample_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1")

@@ -43,10 +43,6 @@ from .parameters import select_parameters
 class UCEConfig(MethodConfig):
     steps: int = option(1, "ignored: UCE is one closed-form solve")
     guide: list[str] = option([""], "what the erased concepts become: one guide for all or one per concept; '' is nothing (the template's other words)")
-    templates: list[str] = option(
-        ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
-        "prompts of a concept (erased, guide or preserved); {} stands for the concept",
-    )
     lam: float = option(0.5, "lambda: pull of every projection towards its original weights")
     erase_scale: float = option(1.0, "weight of each erased prompt's tokens")
     preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
@@ -66,8 +62,6 @@ class UCEConfig(MethodConfig):
             raise UserError("guide must be a list of strings")
         if len(self.guide) != 1 and len(self.guide) != len(self.concepts):
             raise UserError(f"guide must name one concept for all or one per erased concept ({len(self.concepts)}), not {len(self.guide)}")
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise UserError("every template must contain {} where the concept goes")
         if self.lam <= 0:
             raise UserError(f"lam must be positive, not {self.lam}")
         if self.erase_scale <= 0 or self.preserve_scale < 0:
