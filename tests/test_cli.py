@@ -187,6 +187,8 @@ def test_mask_folder_that_does_not_match_the_images(capsys, tmp_path):
     ["erase", "--method", "fmn", "--concept", "circle", "--masks", "/nonexistent"],
     ["erase", "--method", "fmn", "--concept", "circle", "--images", "/nonexistent"],
     ["erase", "--method", "uce"],
+    ["erase", "--method", "mace"],
+    ["erase", "--method", "mace", "--concept", "circle", "--images", "/nonexistent"],
 ])
 def test_method_specific_bad_input(capsys, tmp_path, argv):
     run_failing(capsys, argv + ["--out", str(tmp_path / "e.safetensors")])
