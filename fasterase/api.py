@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import make_config, preset as load_preset, read_yaml
-from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key
+from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key, save_lora
 from .errors import UserError
 from .evaluation.grid import grid_image, save_png
 from .evaluation.report import plan_for, recognition, report, sample_concepts
@@ -55,6 +55,7 @@ class EraseSummary:
     peak_memory_bytes: int
     device: str
     notes: list[str] = field(default_factory=list)
+    loras: list[Path] = field(default_factory=list)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -106,8 +107,12 @@ def erase(
     if result.key is not None:
         key = key_path_for(out)
         save_key(key, result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
+    loras = []
+    for concept, tensors in result.loras.items():
+        loras.append(ensure_writable(out.with_name(f"{out.name.removesuffix('.safetensors')}.lora-{_slug([concept])}.safetensors")))
+        save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprint": base})
     save_edit(out, Edit(tensors=result.tensors, metadata=metadata))
-    return EraseSummary(out, key, seconds, _peak_memory(device), str(device))
+    return EraseSummary(out, key, seconds, _peak_memory(device), str(device), loras=loras)
 
 
 def _slug(concepts: list[str]) -> str:

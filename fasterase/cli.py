@@ -78,6 +78,7 @@ def _cmd_erase(args) -> int:
     facts = {
         "edit": str(summary.edit), "key": str(summary.key) if summary.key else None, "seconds": round(summary.seconds, 2),
         "peak_memory_mb": round(summary.peak_memory_bytes / 2**20, 1), "device": summary.device,
+        "loras": [str(p) for p in summary.loras],
     }
     if args.json:
         print(json.dumps(facts))
@@ -86,6 +87,8 @@ def _cmd_erase(args) -> int:
         print(f"edit: {summary.edit}")
         if summary.key:
             print(f"key (keep it private; it recovers the concept): {summary.key}")
+        for lora in summary.loras:
+            print(f"lora: {lora}")
     return 0
 
 

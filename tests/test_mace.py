@@ -44,6 +44,28 @@ def test_mace_changes_only_cross_attention_keys_and_values(tiny_pipeline_dir, op
     assert result.key is None
 
 
+def test_separate_loras_load_with_diffusers(tiny_pipeline_dir, tmp_path):
+    """save_loras writes one file per concept that diffusers' load_lora_weights reads: loaded and
+    fused into a fresh base pipeline, a projection becomes W + up @ down."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "mace.safetensors"
+    summary = api.erase("mace", ["circle", "ring"], model=tiny_pipeline_dir, out=out, save_loras=True, **FAST)
+    assert [p.name for p in summary.loras] == ["mace.lora-circle.safetensors", "mace.lora-ring.safetensors"]
+    lora = load_file(summary.loras[0])
+    down_name = next(k for k in lora if k.endswith("attn2.to_k.lora_A.weight"))
+    module = down_name.removeprefix("unet.").removesuffix(".lora_A.weight")
+    up, down = lora[module.join(["unet.", ".lora_B.weight"])], lora[down_name]
+    assert down.shape[0] == up.shape[1] == 1, "rank 1"
+    assert up.abs().sum() > 0, "the LoRA learnt something"
+    pipe = load_pipeline(tiny_pipeline_dir)
+    base = pipe.unet.get_submodule(module).weight.detach().clone()
+    pipe.load_lora_weights(str(summary.loras[0]))
+    pipe.fuse_lora()
+    layer = pipe.unet.get_submodule(module)
+    torch.testing.assert_close(getattr(layer, "base_layer", layer).weight, base + up @ down)  # peft wraps the layer
+
+
 def test_the_loras_reach_the_fused_weights(tiny_pipeline_dir):
     """Fusion carries what the LoRAs learnt: with no learning the edit is the refinement alone."""
     trained = erase(tiny_pipeline_dir, lr=1e-1)[3].tensors

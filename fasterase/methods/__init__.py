@@ -19,6 +19,9 @@ class ErasureResult:
     tensors: dict[str, torch.Tensor]
     key: dict[str, torch.Tensor] | None = None
     key_metadata: dict = field(default_factory=dict)
+    # concept -> a LoRA state dict in the format diffusers' `load_lora_weights` reads, for methods
+    # that train one per concept (MACE), written beside the edit when asked for
+    loras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 # Called as progress(step, total, losses) every few steps; losses are Python floats.

@@ -73,6 +73,7 @@ class MACEConfig(ImageMethodConfig):
     include_end: bool = option(True, "the attention loss also watches the end-of-text positions (on SD1.x: the padding too)")
     importance_sampling: bool = option(True, "draw timesteps from the concept-focal density (else uniformly)")
     log_every: int = option(10, "steps between progress reports (each reads the loss off the device)")
+    save_loras: bool = option(False, "also write each concept's LoRA (diffusers load_lora_weights format); it was trained on the refined weights")
 
     def prompt_concepts(self) -> list[str]:
         return super().prompt_concepts() + [m for m in dict.fromkeys(self.mapping) if m]
@@ -142,6 +143,17 @@ class ConceptLoRAs:
         }
 
 
+def lora_state_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One concept's LoRA as diffusers' `load_lora_weights` reads it (peft names, scale folded
+    into the up factor, so alpha = rank)."""
+    tensors = {}
+    for weight_name, (up, down) in factors.items():
+        module = weight_name.removesuffix(".weight")
+        tensors[f"unet.{module}.lora_A.weight"] = down.cpu().contiguous()
+        tensors[f"unet.{module}.lora_B.weight"] = up.cpu().contiguous()
+    return tensors
+
+
 @contextlib.contextmanager
 def concept_loras(unet, concepts: int, rank: int, seed: int = 0) -> Iterator[ConceptLoRAs]:
     """A block in which every cross-attention to_k/to_v of `unet` carries the concepts' LoRAs
@@ -208,7 +220,8 @@ class MACE(Method):
             fused = fuse_loras({n: p.detach() for n, p in weights.items()}, loras, concept_grams, preserved, cfg.lam)
             for name, value in fused.items():
                 weights[name].copy_(value)
-        return ErasureResult(tensors={f"unet.{name}": value.detach().cpu().clone() for name, value in fused.items()})
+        separate = {c: lora_state_dict(factors) for c, factors in zip(cfg.concepts, loras)} if cfg.save_loras else {}
+        return ErasureResult(tensors={f"unet.{name}": value.detach().cpu().clone() for name, value in fused.items()}, loras=separate)
 
     @staticmethod
     @torch.no_grad()
