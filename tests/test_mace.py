@@ -3,8 +3,6 @@ closed-form fusion; only the cross-attention keys and values change."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -145,7 +143,6 @@ def test_mace_erases_a_shape(tmp_path, assert_erased):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FASTERASE_LONG_TESTS"), reason="about 5 minutes: too long for the suite; set FASTERASE_LONG_TESTS=1")
 def test_mace_erases_fifty_emblems_and_keeps_fifty(tmp_path):
     from fasterase.toyworld.world import EMBLEMS
 
