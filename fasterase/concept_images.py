@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,6 +59,38 @@ class ConceptImages:
         by_concept = [torch.nonzero(self.concept_index.cpu() == k).flatten() for k in range(concepts)]
         picks = [own[torch.randint(len(own), (steps, batch_size), generator=generator)] for own in by_concept]
         return torch.cat(picks, dim=1).to(self.latents.device)
+
+    def draw_items(
+        self, concepts: int, templates: int, steps: int, batch_size: int,
+        timesteps: Callable[[tuple[int, int], torch.Generator], torch.Tensor], generator: torch.Generator,
+    ) -> "TrainingItems":
+        """Every step's training items, drawn before training (no sampling inside a step):
+        `batch_size` items of every concept, concept-major, each one of its concept's images under
+        one of its prompts (concept-major (concept, template) prompts), at a timestep drawn by
+        `timesteps(shape, generator)`, with noise of its own."""
+        image = self.schedule(concepts, steps, batch_size, generator)
+        concept = torch.arange(concepts).repeat_interleave(batch_size)
+        prompt = concept * templates + torch.randint(templates, (steps, concept.numel()), generator=generator)
+        timestep = timesteps((steps, concept.numel()), generator)
+        noise = torch.randn((steps, concept.numel(), *self.latents.shape[1:]), generator=generator)
+        device = self.latents.device
+        return TrainingItems(concept.to(device), image, prompt.to(device), timestep.to(device), noise.to(device, self.latents.dtype))
+
+
+@dataclass
+class TrainingItems:
+    """Per step, which image, prompt, timestep and noise each item uses."""
+
+    concept: torch.Tensor  # (C * B,): each item's concept, the same every step
+    image: torch.Tensor  # (steps, C * B), into the images
+    prompt: torch.Tensor  # (steps, C * B), into the concept-major (concept, template) prompts
+    timestep: torch.Tensor  # (steps, C * B)
+    noise: torch.Tensor  # (steps, C * B, c, h, w)
+
+
+def uniform_timesteps(num_train_timesteps: int) -> Callable[[tuple[int, int], torch.Generator], torch.Tensor]:
+    """Timesteps drawn uniformly from 0 .. num_train_timesteps - 1, for `ConceptImages.draw_items`."""
+    return lambda shape, generator: torch.randint(num_train_timesteps, shape, generator=generator)
 
 
 def image_size(pipe) -> int:

@@ -62,6 +62,16 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+def per_concept(name: str, values: list[str], concepts: list[str]) -> list[str]:
+    """An option that names concepts (a guide, a mapping), given once for every erased concept or
+    once per concept, as one entry per concept; a one-line UserError otherwise."""
+    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+        raise UserError(f"{name} must be a list of strings")
+    if len(values) != 1 and len(values) != len(concepts):
+        raise UserError(f"{name} must name one concept for all or one per erased concept ({len(concepts)}), not {len(values)}")
+    return values * len(concepts) if len(values) == 1 else list(values)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or a one-line UserError."""
     try:

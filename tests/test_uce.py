@@ -11,8 +11,8 @@ from fasterase import api
 from fasterase.closed_form import preservation_gram, save_gram
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.uce import UCE, UCEConfig, edited_positions
-from fasterase.models.text import encode_prompts
+from fasterase.methods.uce import UCE, UCEConfig
+from fasterase.models.text import concept_tail, encode_prompts
 
 
 def erase(pipe_dir, **options):
@@ -74,7 +74,7 @@ def test_edited_positions_run_from_the_concepts_last_token():
     from fasterase.models.loading import builtin_model_dir
 
     tokenizer = CLIPTokenizer.from_pretrained(str(builtin_model_dir() / "tokenizer"))
-    mask = edited_positions(tokenizer, ["circle", "a photo of a red circle"], ["circle", "red circle"])
+    mask = concept_tail(tokenizer, ["circle", "a photo of a red circle"], ["circle", "red circle"], from_last=True)
     assert mask[0].nonzero().min() == 1 and mask[1].nonzero().min() == 6 and mask.all(1).logical_not().all()
     assert mask[:, -1].all()
 

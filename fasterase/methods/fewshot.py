@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..concept_images import ImageMethodConfig, concept_images
+from ..concept_images import ImageMethodConfig, concept_images, uniform_timesteps
 from ..config import option
 from ..errors import UserError
 from ..evaluation.sampling import SamplingConfig
@@ -100,16 +100,12 @@ class FewShot(Method):
 
         # Everything a step reads, drawn up front: per step, batch_size items of every concept,
         # each an image of that concept with a template, a timestep and noise of its own.
-        generator = torch.Generator().manual_seed(cfg.seed)
-        concepts = len(cfg.concepts)
-        batch = concepts * cfg.batch_size
-        picks = shots.schedule(concepts, cfg.steps, cfg.batch_size, generator)  # (steps, C * B)
-        concept_of = torch.arange(concepts).repeat_interleave(cfg.batch_size)
-        prompt_index = (concept_of * templates + torch.randint(templates, (cfg.steps, batch), generator=generator)).to(device)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        timesteps = torch.randint(scheduler.config.num_train_timesteps, (cfg.steps, batch), generator=generator).to(device)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        items = shots.draw_items(len(cfg.concepts), templates, cfg.steps, cfg.batch_size, uniform_timesteps(scheduler.config.num_train_timesteps), generator)
+        picks, prompt_index, timesteps, noise = items.image, items.prompt, items.timestep, items.noise
+        batch = picks.shape[1]
         latents = shots.latents[picks]  # (steps, C * B, c, h, w)
-        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
         flat = lambda x: x.flatten(0, 1)  # noqa: E731
         noisy = scheduler.add_noise(flat(latents), flat(noise), flat(timesteps)).view_as(latents)
         if scheduler.config.prediction_type == "v_prediction":

@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from ..attention import AttentionCapture, capture_processors
-from ..concept_images import ConceptImages, ImageMethodConfig, concept_images
+from ..concept_images import ConceptImages, ImageMethodConfig, concept_images, uniform_timesteps
 from ..config import option
 from ..errors import UserError
 from ..evaluation.sampling import SamplingConfig
-from ..models.text import encode_prompts, token_columns
+from ..models.text import encode_prompts, padded_ids, token_columns
 from . import ErasureResult, Method, Progress, register
 from .parameters import PARAMETER_SETS, select_parameters
 from .training import autocast, changed_tensors, run_steps, trainable
-
 
 
 @dataclass
@@ -85,9 +84,7 @@ class InvertedTokens(nn.Module):
 
     def encode(self, text_encoder, prompts: list[str]) -> torch.Tensor:
         """Text-encoder states (N, 77, d) of prompts that may contain the new words."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(text_encoder.device)
+        ids = padded_ids(self.tokenizer, prompts).to(text_encoder.device)
         placeholder = ids >= self.first_id
         learnt = self.vectors[(ids - self.first_id).clamp(min=0)]
 
@@ -124,7 +121,8 @@ class ForgetMeNot(Method):
         tokenizer = inverted.tokenizer if cfg.inversion_steps else pipe.tokenizer
         columns = token_columns(tokenizer, prompts, [n for n in names for _ in cfg.templates], cfg.include_end).to(device)
 
-        plan = _draw_items(pipe, cfg, images, len(cfg.templates))
+        timesteps = uniform_timesteps(pipe.scheduler.config.num_train_timesteps)
+        plan = images.draw_items(len(cfg.concepts), len(cfg.templates), cfg.steps, cfg.batch_size, timesteps, torch.Generator().manual_seed(cfg.seed))
         capture = AttentionCapture(columns[:0])
         params = select_parameters(unet, cfg.trainable)
         optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)
@@ -153,7 +151,9 @@ class ForgetMeNot(Method):
         """Learns the new tokens' vectors: the frozen model should denoise the concept's images
         from the prompts that name the concept with them."""
         prompts = [t.format(inverted.words[c]) for c in cfg.concepts for t in cfg.templates]
-        plan = _draw_items(pipe, cfg, images, len(cfg.templates), seed_offset=1, steps=cfg.inversion_steps)
+        timesteps = uniform_timesteps(pipe.scheduler.config.num_train_timesteps)
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        plan = images.draw_items(len(cfg.concepts), len(cfg.templates), cfg.inversion_steps, cfg.batch_size, timesteps, generator)
         optimizer = torch.optim.Adam([inverted.vectors], lr=cfg.inversion_lr)
         mixed_precision = autocast(pipe.device, cfg.dtype)
 
@@ -173,26 +173,3 @@ class ForgetMeNot(Method):
         run_steps(step, cfg.inversion_steps, cfg.log_every, report)
         inverted.vectors.requires_grad_(False)
 
-
-@dataclass
-class _Items:
-    """Per step, which image, which prompt, which timestep and which noise each item uses."""
-
-    image: torch.Tensor  # (steps, B)
-    prompt: torch.Tensor  # (steps, B), into the concept-major (concept, template) prompts
-    timestep: torch.Tensor  # (steps, B)
-    noise: torch.Tensor  # (steps, B, C, h, w)
-
-
-def _draw_items(pipe, cfg: FMNConfig, images: ConceptImages, templates: int, seed_offset: int = 0, steps: int | None = None) -> _Items:
-    """Every step's items, drawn before training: `batch_size` of each concept, each one of the
-    concept's images under one of its prompts at a uniform timestep."""
-    steps = cfg.steps if steps is None else steps
-    generator = torch.Generator().manual_seed(cfg.seed + seed_offset)
-    image = images.schedule(len(cfg.concepts), steps, cfg.batch_size, generator).cpu()
-    concept = torch.arange(len(cfg.concepts)).repeat_interleave(cfg.batch_size)
-    prompt = concept * templates + torch.randint(templates, (steps, concept.numel()), generator=generator)
-    timestep = torch.randint(pipe.scheduler.config.num_train_timesteps, (steps, concept.numel()), generator=generator)
-    noise = torch.randn((steps, concept.numel(), *images.latents.shape[1:]), generator=generator)
-    device = images.latents.device
-    return _Items(image.to(device), prompt.to(device), timestep.to(device), noise.to(device, images.latents.dtype))

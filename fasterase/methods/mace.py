@@ -37,6 +37,7 @@ The edit is the fused to_k/to_v weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -48,10 +49,10 @@ from torch import nn
 from ..attention import AttentionCapture, capture_processors
 from ..closed_form import RidgeGrams, edit_weights, fuse_loras, gram, load_gram, mapping_matrix, prompt_gram
 from ..concept_images import ConceptImages, ImageMethodConfig, concept_images
-from ..config import option
+from ..config import option, per_concept
 from ..errors import UserError
 from ..evaluation.sampling import SamplingConfig
-from ..models.text import encode_prompts, token_columns
+from ..models.text import concept_tail, encode_prompts, token_columns
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 from .training import autocast, run_steps, trainable
@@ -80,14 +81,11 @@ class MACEConfig(ImageMethodConfig):
 
     def mappings(self) -> list[str]:
         """The mapping concept of each erased concept."""
-        return self.mapping * len(self.concepts) if len(self.mapping) == 1 else list(self.mapping)
+        return per_concept("mapping", self.mapping, self.concepts)
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.mapping, str) or not all(isinstance(m, str) for m in self.mapping):
-            raise UserError("mapping must be a list of strings")
-        if len(self.mapping) != 1 and len(self.mapping) != len(self.concepts):
-            raise UserError(f"mapping must name one concept for all or one per erased concept ({len(self.concepts)}), not {len(self.mapping)}")
+        self.mappings()  # refuses a mapping list that fits neither one for all nor one per concept
         if self.lam <= 0:
             raise UserError(f"lam must be positive, not {self.lam}")
         if self.preserve_scale < 0:
@@ -104,14 +102,6 @@ def focal_timesteps(num_train_timesteps: int, shape: tuple[int, ...], generator:
     t = torch.arange(num_train_timesteps, dtype=torch.float64)
     density = torch.sigmoid(0.05 * (t - 200)) - torch.sigmoid(0.05 * (t - 400)) if focal else torch.ones_like(t)
     return torch.multinomial(density, math.prod(shape), replacement=True, generator=generator).view(shape)
-
-
-def concept_positions(tokenizer, prompts: list[str], concepts: list[str]) -> torch.Tensor:
-    """(N, 77) bool: in each prompt, every position from its concept's first sub-token on."""
-    columns = token_columns(tokenizer, prompts, concepts)
-    positions = torch.arange(columns.shape[1])
-    first = torch.where(columns, positions, columns.shape[1]).amin(1)
-    return positions >= first[:, None]
 
 
 ADAPTER = "mace"
@@ -207,7 +197,7 @@ class MACE(Method):
             preserved = cfg.preserve_scale * prompt_gram(pipe, [""] + [t.format(p) for p in cfg.preserve for t in cfg.templates])
             if cached is not None:
                 preserved += cfg.preserve_scale * cached.to(preserved.device)
-            edited = concept_positions(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates]).to(device)
+            edited = concept_tail(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates]).to(device)
             # Before the concept a prompt's embeddings are those of any prompt with the same
             # beginning (the text encoder is causal): both solves keep their projections.
             preserved += gram(context, ~edited)
@@ -244,18 +234,15 @@ class MACE(Method):
         count, templates = len(cfg.concepts), len(cfg.templates)
         columns = token_columns(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates], cfg.include_end).to(device)
 
-        # Every step's items, drawn up front: batch_size of each concept, concept-major.
         generator = torch.Generator().manual_seed(cfg.seed)
-        image = images.schedule(count, cfg.steps, cfg.batch_size, generator)
-        concept = torch.arange(count).repeat_interleave(cfg.batch_size)
-        prompt = (concept * templates + torch.randint(templates, (cfg.steps, concept.numel()), generator=generator)).to(device)
-        timestep = focal_timesteps(pipe.scheduler.config.num_train_timesteps, prompt.shape, generator, cfg.importance_sampling).to(device)
-        noise = torch.randn((cfg.steps, concept.numel(), *images.latents.shape[1:]), generator=generator).to(device, images.latents.dtype)
+        timesteps = functools.partial(focal_timesteps, pipe.scheduler.config.num_train_timesteps, focal=cfg.importance_sampling)
+        items = images.draw_items(count, templates, cfg.steps, cfg.batch_size, timesteps, generator)
+        image, prompt, timestep, noise = items.image, items.prompt, items.timestep, items.noise
 
         capture = AttentionCapture(columns[:0])
         mixed_precision = autocast(device, cfg.dtype)
         with concept_loras(unet, count, cfg.rank, cfg.seed) as loras, capture_processors(unet, capture, cfg.backend):
-            loras.route(concept.to(device))  # the same items' concepts every step
+            loras.route(items.concept)  # the same items' concepts every step
             params = loras.parameters()
             optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)
 

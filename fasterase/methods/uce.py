@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ..closed_form import RidgeGrams, edit_weights, load_gram, mapping_fit, mapping_matrix, prompt_gram
-from ..config import MethodConfig, option
+from ..config import MethodConfig, option, per_concept
 from ..errors import UserError
-from ..models.text import encode_prompts, token_columns
+from ..models.text import concept_tail, encode_prompts
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 
@@ -54,28 +54,17 @@ class UCEConfig(MethodConfig):
 
     def guides(self) -> list[str]:
         """The guide of each erased concept."""
-        return self.guide * len(self.concepts) if len(self.guide) == 1 else list(self.guide)
+        return per_concept("guide", self.guide, self.concepts)
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.guide, str) or not all(isinstance(g, str) for g in self.guide):
-            raise UserError("guide must be a list of strings")
-        if len(self.guide) != 1 and len(self.guide) != len(self.concepts):
-            raise UserError(f"guide must name one concept for all or one per erased concept ({len(self.concepts)}), not {len(self.guide)}")
+        self.guides()  # refuses a guide list that fits neither one for all nor one per concept
         if self.lam <= 0:
             raise UserError(f"lam must be positive, not {self.lam}")
         if self.erase_scale <= 0 or self.preserve_scale < 0:
             raise UserError("erase_scale must be positive and preserve_scale at least 0")
         if self.batch_size < 1:
             raise UserError("batch_size must be at least 1")
-
-
-def edited_positions(tokenizer, prompts: list[str], concepts: list[str]) -> torch.Tensor:
-    """(N, 77) bool: in each prompt, every position from its concept's last sub-token on."""
-    columns = token_columns(tokenizer, prompts, concepts)
-    positions = torch.arange(columns.shape[1])
-    last = torch.where(columns, positions, -1).amax(1)
-    return positions >= last[:, None]
 
 
 @register
@@ -94,7 +83,7 @@ class UCE(Method):
         edits = [(c, t.format(c), t.format(g)) for c, g in zip(cfg.concepts, cfg.guides()) for t in cfg.templates]
         for start in range(0, len(edits), cfg.batch_size):
             concepts, prompts, guide_prompts = zip(*edits[start : start + cfg.batch_size])
-            mask = edited_positions(pipe.tokenizer, list(prompts), list(concepts)).to(device)
+            mask = concept_tail(pipe.tokenizer, list(prompts), list(concepts), from_last=True).to(device)
             grams.add_edit(encode_prompts(pipe, list(prompts)), encode_prompts(pipe, list(guide_prompts)), cfg.erase_scale * mask)
         preserved = [""] + [t.format(p) for p in cfg.preserve for t in cfg.templates]
         grams.preserved += cfg.preserve_scale * prompt_gram(pipe, preserved, cfg.batch_size)

@@ -18,11 +18,14 @@ def check_concept(tokenizer, concept: str) -> None:
         raise UserError(f"the concept {concept!r} is {len(ids)} tokens long; the text encoder reads at most {tokenizer.model_max_length - 2}")
 
 
+def padded_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids (N, 77) of prompts, padded to the tokenizer's context as SD pipelines pad them."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
 def token_ids(pipe, prompts: list[str]) -> torch.Tensor:
-    """Token ids (N, 77) of prompts, padded as the pipeline pads them."""
-    return pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt",
-    ).input_ids.to(pipe.text_encoder.device)
+    """Token ids (N, 77) of prompts, padded as the pipeline pads them, on the text encoder's device."""
+    return padded_ids(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
 
 
 @torch.no_grad()
@@ -44,7 +47,7 @@ def token_columns(tokenizer, prompts: list[str], concepts: list[str], include_en
     padding).
     """
     length = tokenizer.model_max_length
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    ids = padded_ids(tokenizer, prompts)
     columns = torch.zeros(len(prompts), length, dtype=torch.bool)
     for row, (prompt_ids, concept) in enumerate(zip(ids.tolist(), concepts)):
         word = tokenizer(concept, add_special_tokens=False).input_ids
@@ -56,3 +59,15 @@ def token_columns(tokenizer, prompts: list[str], concepts: list[str], include_en
         if include_end:
             columns[row, prompt_ids.index(tokenizer.eos_token_id) :] = True
     return columns
+
+
+def concept_tail(tokenizer, prompts: list[str], concepts: list[str], from_last: bool = False) -> torch.Tensor:
+    """(N, 77) bool: in each prompt, every position from its concept's first sub-token (or, with
+    from_last, its last) on: the concept, the words after it, end of text and padding."""
+    columns = token_columns(tokenizer, prompts, concepts)
+    positions = torch.arange(columns.shape[1])
+    if from_last:
+        start = torch.where(columns, positions, -1).amax(1)
+    else:
+        start = torch.where(columns, positions, columns.shape[1]).amin(1)
+    return positions >= start[:, None]
