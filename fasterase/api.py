@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from .config import make_config, preset as load_preset, read_yaml
-from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key, save_lora
+from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key
 from .errors import UserError
 from .evaluation.grid import grid_image, save_png
 from .evaluation.report import plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import SamplingConfig, generate as sample_images
+from .lora import save_lora
 from .methods import Progress, get_method
 from .models.fingerprint import fingerprint
 from .models.loading import BUILTIN, load_pipeline, model_name

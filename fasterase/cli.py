@@ -1,4 +1,4 @@
-"""`fasterase erase / generate / evaluate / env / toyworld`: parses, runs, prints one-line errors.
+"""`fasterase erase / generate / evaluate / env / cache / toyworld`: parses, runs, prints one-line errors.
 
 A UserError (bad input) prints `fasterase: error: ...` and exits 2 with no traceback. Reporting
 commands take --json and then print exactly one JSON object on stdout.
@@ -154,6 +154,41 @@ def _cmd_env(args) -> int:
     return 0
 
 
+def _cmd_cache_build(args) -> int:
+    from tqdm import tqdm
+
+    from .api import default_device, ensure_writable
+    from .closed_form import preservation_gram, save_gram
+    from .models.loading import load_pipeline, model_name
+
+    out = ensure_writable(Path(args.out))
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    prompts = Path(args.prompts)
+
+    def captions():
+        # one caption per line; blank lines are not captions
+        with open(prompts, encoding="utf-8") as lines:
+            yield from (line.strip() for line in lines if line.strip())
+
+    try:
+        count = sum(1 for _ in captions())  # for the progress bar; the captions are read again below
+    except OSError as error:
+        raise UserError(f"cannot read {prompts}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{prompts} is not UTF-8 text") from None
+    if not count:
+        raise UserError(f"{prompts} has no captions (one per line)")
+    start = time.time()
+    pipe = load_pipeline(args.model, device=default_device())
+    with tqdm(total=count, desc="cache build", unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+        cache = preservation_gram(pipe, captions(), model_name(args.model), args.batch_size, bar.update)
+    save_gram(out, cache)
+    facts = {"gram": str(out), "prompts": cache.prompts, "tokens": cache.tokens, "text_encoder": cache.text_encoder, "seconds": round(time.time() - start, 2)}
+    print(json.dumps(facts) if args.json else f"wrote the Gram of {cache.prompts} prompts ({cache.tokens} token embeddings) in {facts['seconds']:.1f} s: {out}")
+    return 0
+
+
 def _cmd_toyworld_build(args) -> int:
     from .toyworld.recipe import BuildConfig, build
 
@@ -240,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="versions, the GPU, and each kernel backend's status")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_env)
+
+    p = sub.add_parser("cache", help="caches that methods reuse")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    q = cache_sub.add_parser("build", help="the preservation Gram of many captions, for a method's preserve_gram option (UCE, MACE)")
+    q.add_argument("--prompts", required=True, help="a text file, one caption per line")
+    q.add_argument("--model", help=model_help)
+    q.add_argument("--batch-size", type=int, default=256, help="captions encoded at a time")
+    q.add_argument("--out", required=True, help="the .safetensors file to write")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd_cache_build)
 
     p = sub.add_parser("toyworld", help="the built-in world")
     world_sub = p.add_subparsers(dest="toyworld_command", required=True)

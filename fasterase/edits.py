@@ -26,7 +26,6 @@ from fasterase.errors import UserError
 
 EDIT_FORMAT = "fasterase-edit"
 KEY_FORMAT = "fasterase-key"
-LORA_FORMAT = "fasterase-lora"
 FORMAT_VERSION = "1"
 _FORMAT_TAGS = ("format", "format_version")
 
@@ -206,8 +205,3 @@ def save_key(
 def load_key(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of the key at `path`. UserError if it is missing or not a fasterase key."""
     return load_tagged(Path(path), KEY_FORMAT)
-
-
-def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """A LoRA state dict (diffusers' `load_lora_weights` format), atomically, with its metadata."""
-    save_atomically(Path(path), tensors, encode_metadata(LORA_FORMAT, metadata))

@@ -12,6 +12,7 @@ import torch
 from .capture import AttentionStats, Capture
 from .dispatch import BACKEND_NAMES, BackendUnavailable, backend_status, implementation
 from .reference import cross_attention_reference
+from .ridge_solve import ridge_solve, ridge_solve_reference
 
 __all__ = [
     "AttentionStats",
@@ -21,6 +22,8 @@ __all__ = [
     "backend_status",
     "cross_attention",
     "cross_attention_reference",
+    "ridge_solve",
+    "ridge_solve_reference",
 ]
 
 
@@ -50,5 +53,5 @@ def cross_attention(
         raise ValueError(f"cross_attention: prompt_k {tuple(prompt_k.shape)} does not fit (H={q.shape[1]}, Mp, D={q.shape[-1]})")
     if capture is not None:
         capture.check(q.shape[0], q.shape[2], k.shape[2])
-    op = implementation("cross_attention", backend, q)
+    op = implementation("cross_attention", backend, q, (q, k, v, prompt_k, prompt_v, scale, capture))
     return op(q, k, v, prompt_k, prompt_v, scale, capture)

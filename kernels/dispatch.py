@@ -6,6 +6,7 @@ same); `auto` takes the first backend with no reasons.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -13,12 +14,23 @@ import torch
 from fasterase.errors import UserError
 
 from .reference import cross_attention_reference
+from .ridge_solve import ridge_solve_cuda, ridge_solve_reference
 
 BACKEND_NAMES = ("torch", "triton", "cuda")
 
+
+def _cross_attention_triton(*args):
+    # Imported on first use: triton is optional, and it reads TRITON_INTERPRET when the kernels are defined.
+    from .cross_attention_triton import cross_attention_triton
+
+    return cross_attention_triton(*args)
+
+
 # op name -> backend name -> implementation; an op missing from a backend is not written yet.
+# A "cuda" implementation calls the op fasterase::<op name> that the extension (csrc/) registers.
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
-    "cross_attention": {"torch": cross_attention_reference},
+    "cross_attention": {"torch": cross_attention_reference, "triton": _cross_attention_triton},
+    "ridge_solve": {"torch": ridge_solve_reference, "cuda": ridge_solve_cuda},
 }
 
 
@@ -34,7 +46,9 @@ def _cuda_extension_reason() -> str | None:
     return None
 
 
-def _reasons(op: str, backend: str, example: torch.Tensor | None) -> list[str]:
+def _reasons(op: str, backend: str, example: torch.Tensor | None, inputs: tuple | None = None, auto: bool = False) -> list[str]:
+    """Why `backend` cannot run `op` on tensors like `example` (and, when given, on the op's
+    arguments `inputs`); `auto`: for the automatic choice, which leaves the Triton interpreter alone."""
     reasons = []
     if backend not in _IMPLEMENTATIONS[op]:
         reasons.append(f"no {backend} implementation of {op} yet")
@@ -43,27 +57,38 @@ def _reasons(op: str, backend: str, example: torch.Tensor | None) -> list[str]:
             import triton  # noqa: F401
         except ImportError:
             reasons.append("triton is not installed")
+        else:
+            if op == "cross_attention" and inputs is not None:
+                from .cross_attention_triton import unsupported_reasons
+
+                reasons += unsupported_reasons(*inputs)
         if example is not None and example.device.type != "cuda":
-            reasons.append(f"triton kernels run on CUDA tensors, these are on {example.device.type}")
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                reasons.append(f"triton kernels run on CUDA tensors, these are on {example.device.type} (TRITON_INTERPRET=1 runs them on the CPU, slowly)")
+            elif auto:
+                reasons.append(f"auto leaves {example.device.type} tensors to torch: the Triton interpreter (TRITON_INTERPRET=1) runs only when forced")
     if backend == "cuda":
         if example is not None and example.device.type != "cuda":
             reasons.append(f"the CUDA extension needs CUDA tensors, these are on {example.device.type}")
         reason = _cuda_extension_reason()
         if reason:
             reasons.append(reason)
+        elif backend in _IMPLEMENTATIONS[op] and not getattr(torch.ops.fasterase, op).default.has_kernel_for_dispatch_key("CUDA"):
+            reasons.append(f"the CUDA extension was built without fasterase::{op} (rebuild it)")
     return reasons
 
 
-def implementation(op: str, backend: str, example: torch.Tensor | None = None) -> Callable:
-    """The implementation of `op` for `backend` ("auto" or one of BACKEND_NAMES)."""
+def implementation(op: str, backend: str, example: torch.Tensor | None = None, inputs: tuple | None = None) -> Callable:
+    """The implementation of `op` for `backend` ("auto" or one of BACKEND_NAMES); `inputs`, the
+    op's arguments, let a backend refuse shapes it does not support."""
     if backend == "auto":
         for name in ("cuda", "triton", "torch"):
-            if not _reasons(op, name, example):
+            if not _reasons(op, name, example, inputs, auto=True):
                 return _IMPLEMENTATIONS[op][name]
         raise AssertionError("the torch backend always runs")
     if backend not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose auto, {', '.join(BACKEND_NAMES)}")
-    reasons = _reasons(op, backend, example)
+    reasons = _reasons(op, backend, example, inputs)
     if reasons:
         raise BackendUnavailable(f"backend {backend!r} cannot run {op}: {'; '.join(reasons)}")
     return _IMPLEMENTATIONS[op][backend]

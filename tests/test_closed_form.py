@@ -1,5 +1,6 @@
-"""The ridge solver against the dense float64 formula, on random and ill-conditioned systems, and
-the preservation Gram cache."""
+"""The ridge solver (`fasterase.kernels.ridge_solve` and the edits built on it) against the dense
+float64 formula, on random and ill-conditioned systems, on every backend that runs here; and the
+preservation Gram cache."""
 
 from __future__ import annotations
 
@@ -14,19 +15,21 @@ from fasterase.closed_form import (
     PreservationGram,
     RidgeGrams,
     edit_weights,
-    fuse_loras,
     gram,
     load_gram,
     mapping_fit,
     mapping_matrix,
     preservation_gram,
     prompt_gram,
-    ridge_factor,
     save_gram,
 )
 from fasterase.errors import UserError
+from fasterase.kernels import BackendUnavailable, backend_status, ridge_solve
 
 F64 = torch.float64
+CUDA_SOLVE = backend_status()["ridge_solve"]["cuda"]
+cuda_only = pytest.mark.skipif(CUDA_SOLVE != "available", reason=f"ridge_solve [cuda] is {CUDA_SOLVE}")
+BACKENDS = ["torch", pytest.param("cuda", marks=cuda_only)]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -126,42 +129,102 @@ def test_ill_conditioned_system_needs_float64():
     assert relative(float32, dense_ridge(w, lam, c, t @ w.T, p)) > 0.1
 
 
-def test_lora_targets_match_the_dense_formula():
-    g = torch.Generator().manual_seed(4)
-    d, lam, rank = 32, 0.3, 2
+def stacked_rhs(weights, lam, sources, targets, preserved):
+    """Every projection's rows of lambda W + sum T_i c_i^T + W G_p, stacked: (sum d_out, d)."""
+    return torch.cat([lam * w + targets[name].T @ sources + w @ preserved.T @ preserved for name, w in weights.items()])
+
+
+def solve_stacked(weights, backend, rhs, grams, lam):
+    device = "cuda" if backend == "cuda" else "cpu"
+    solved = ridge_solve(rhs.to(device), [g.to(device) for g in grams], lam, backend=backend)
+    assert solved.dtype == F64 and solved.shape == rhs.shape and solved.device.type == device
+    return dict(zip(weights, solved.cpu().split([w.shape[0] for w in weights.values()])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stacked_solve_matches_the_dense_formula_on_a_random_system(backend):
+    """All projections in one solve, with general targets T_i (UCE's W t_i and MACE's (W + B A) c_i
+    are special cases), against (lambda W + sum T_i c_i^T + W G_p)(lambda I + sum c_i c_i^T + G_p)^-1."""
+    g = torch.Generator().manual_seed(6)
+    d, lam = 32, 0.5
+    c, p = torch.randn(12, d, generator=g, dtype=F64), torch.randn(40, d, generator=g, dtype=F64)
     weights = projections(g, d=d)
-    concept_tokens = [torch.randn(n, d, generator=g, dtype=F64) for n in (7, 11, 5)]
-    p = torch.randn(40, d, generator=g, dtype=F64)
-    # concept 2 has no LoRA on p1; a rank-r LoRA per (concept, projection) otherwise
-    loras = [
-        {name: (torch.randn(w.shape[0], rank, generator=g, dtype=F64), torch.randn(rank, d, generator=g, dtype=F64))
-         for name, w in weights.items() if not (k == 2 and name == "p1")}
-        for k in range(3)
-    ]
-    originals = {name: w.clone() for name, w in weights.items()}
-    fused = fuse_loras(weights, loras, [gram(x) for x in concept_tokens], gram(p), lam)
-    assert all(torch.equal(weights[name], originals[name]) for name in weights), "inputs left as they were"
-    sources = torch.cat(concept_tokens)
+    targets = {name: torch.randn(12, w.shape[0], generator=g, dtype=F64) for name, w in weights.items()}
+    rhs = stacked_rhs(weights, lam, c, targets, p)
+    edited = solve_stacked(weights, backend, rhs, [gram(c), gram(p)], lam)
     for name, w in weights.items():
-        targets = torch.cat([
-            x @ (w + (loras[k][name][0] @ loras[k][name][1] if name in loras[k] else 0)).T
-            for k, x in enumerate(concept_tokens)
-        ])
-        assert relative(fused[name], dense_ridge(w, lam, sources, targets, p)) < 1e-12, name
+        assert relative(edited[name], dense_ridge(w, lam, c, targets[name], p)) < 1e-12, name
 
 
-def test_lora_fusion_keeps_dtypes_and_rejects_unknown_projections():
-    w = {"a": torch.randn(4, 8)}
-    up, down = torch.randn(4, 1), torch.randn(1, 8)
-    fused = fuse_loras(w, [{"a": (up, down)}], [gram(torch.randn(3, 8))], torch.zeros(8, 8), 0.5)
-    assert fused["a"].dtype == torch.float32 and fused["a"].shape == (4, 8)
-    with pytest.raises(ValueError, match="not given: b"):
-        fuse_loras(w, [{"b": (up, down)}], [gram(torch.randn(3, 8))], torch.zeros(8, 8), 0.5)
-    with pytest.raises(ValueError, match="concept Grams"):
-        fuse_loras(w, [{"a": (up, down)}], [], torch.zeros(8, 8), 0.5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stacked_solve_on_an_ill_conditioned_system(backend):
+    """Condition number about 1e7: the normal equations hold to rounding (backward stable), and the
+    result is as close to the dense float64 reference as the conditioning allows."""
+    g = torch.Generator().manual_seed(7)
+    d, lam = 48, 1e-2
+    basis = torch.randn(4, d, generator=g, dtype=F64)
+    c, p = (10 * torch.randn(n, 4, generator=g, dtype=F64) @ basis + 1e-3 * torch.randn(n, d, generator=g, dtype=F64) for n in (30, 50))
+    right = lam * torch.eye(d, dtype=F64) + c.T @ c + p.T @ p
+    condition = torch.linalg.cond(right).item()
+    assert 1e6 < condition < 1e8
+    weights = projections(g, d=d)
+    targets = {name: c @ w.T + torch.randn(30, w.shape[0], generator=g, dtype=F64) for name, w in weights.items()}
+    rhs = stacked_rhs(weights, lam, c, targets, p)
+    edited = solve_stacked(weights, backend, rhs, [gram(c), gram(p)], lam)
+    eps = torch.finfo(F64).eps
+    for (name, w), rows in zip(weights.items(), rhs.split([w.shape[0] for w in weights.values()])):
+        assert ((edited[name] @ right - rows).norm() / (edited[name].norm() * right.norm())).item() < 100 * eps
+        assert relative(edited[name], dense_ridge(w, lam, c, targets[name], p)) < 10 * condition * eps
 
 
-def test_mapping_fit_and_factor_errors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solve_op_schema_and_fake(backend):
+    """The registered op fasterase::ridge_solve: schema, fake implementation (torch.compile) and
+    kernel agree (torch.library.opcheck); on CPU its kernel is the reference."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 16, generator=g, dtype=F64)
+    rhs = torch.randn(9, 16, generator=g).to(device)
+    torch.library.opcheck(torch.ops.fasterase.ridge_solve.default, (rhs, [gram(x).to(device), torch.eye(16, dtype=F64, device=device)], 0.3))
+
+
+def test_solve_dispatch_reports_why_a_backend_cannot_run():
+    status = backend_status()["ridge_solve"]
+    assert status["torch"] == "available"
+    assert "no triton implementation of ridge_solve" in status["triton"]
+    rhs, grams = torch.randn(3, 4), [torch.eye(4, dtype=F64)]
+    with pytest.raises(BackendUnavailable, match="triton"):
+        ridge_solve(rhs, grams, 0.5, backend="triton")
+    if CUDA_SOLVE != "available":
+        assert CUDA_SOLVE.startswith("unavailable, because")
+        with pytest.raises(BackendUnavailable, match="backend 'cuda' cannot run ridge_solve: "):
+            ridge_solve(rhs, grams, 0.5, backend="cuda")
+    assert torch.equal(ridge_solve(rhs, grams, 0.5), ridge_solve(rhs, grams, 0.5, backend="torch"))
+
+
+@cuda_only
+def test_cuda_solve_refuses_a_system_that_is_not_positive_definite():
+    rhs = torch.randn(3, 16, device="cuda")
+    with pytest.raises(UserError, match="raise lambda"):
+        ridge_solve(rhs, [-torch.eye(16, dtype=F64, device="cuda")], 1e-3, backend="cuda")
+
+
+@cuda_only
+def test_uce_gives_the_same_weights_whichever_backend_solves(tiny_pipeline_dir):
+    from fasterase.config import make_config
+    from fasterase.methods.uce import UCE, UCEConfig
+    from fasterase.models.loading import load_pipeline
+
+    results = [
+        UCE().erase(load_pipeline(tiny_pipeline_dir, device="cuda"), make_config(UCEConfig, {"concepts": ["circle"], "backend": backend})).tensors
+        for backend in ("torch", "cuda")
+    ]
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name])  # float32 round-off
+
+
+def test_mapping_fit_and_solve_errors():
     g = torch.Generator().manual_seed(5)
     c, t = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
     grams = RidgeGrams.zeros(16)
@@ -170,10 +233,14 @@ def test_mapping_fit_and_factor_errors():
     loose, tight = (mapping_fit(grams, mapping_matrix(grams, lam)) for lam in (100.0, 1e-3))
     assert 0 < tight["erased_residual"] < loose["erased_residual"] < 1
     assert tight["preserved_change"] > loose["preserved_change"] > 0
-    with pytest.raises(ValueError, match="positive"):
-        ridge_factor(0.0, grams.sources)
+    with pytest.raises(ValueError, match="lambda must be positive"):
+        ridge_solve(c, [grams.sources], 0.0)
+    with pytest.raises(ValueError, match=r"gram 1 is \(8, 8\)"):
+        ridge_solve(c, [grams.sources, torch.eye(8, dtype=F64)], 0.5)
+    with pytest.raises(ValueError, match="rows, d"):
+        ridge_solve(c[0], [grams.sources], 0.5)
     with pytest.raises(UserError, match="raise lambda"):
-        ridge_factor(1e-3, -torch.eye(16, dtype=F64))
+        ridge_solve(c, [-torch.eye(16, dtype=F64)], 1e-3)
 
 
 def test_prompt_gram_streams_in_batches(tiny_pipeline_dir):
@@ -183,7 +250,10 @@ def test_prompt_gram_streams_in_batches(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
     prompts = ["a circle", "a red square", "", "a photo of a star", "a blue ring"]
     whole = gram(encode_prompts(pipe, prompts))
-    assert torch.allclose(prompt_gram(pipe, prompts, batch_size=2), whole, rtol=1e-10, atol=1e-8)
+    batches = []
+    streamed = prompt_gram(pipe, (p for p in prompts), batch_size=2, progress=batches.append)
+    assert torch.allclose(streamed, whole, rtol=1e-10, atol=1e-8)
+    assert batches == [2, 2, 1]
 
 
 def test_gram_cache_round_trip_and_refusal(tiny_pipeline_dir, tmp_path):
@@ -191,18 +261,18 @@ def test_gram_cache_round_trip_and_refusal(tiny_pipeline_dir, tmp_path):
 
     pipe = load_pipeline(tiny_pipeline_dir)
     cache = preservation_gram(pipe, ["a circle", "a square", "a star"], "tiny", batch_size=2)
-    assert cache.prompts == 3 and cache.gram.dtype == F64
+    assert (cache.prompts, cache.tokens) == (3, 3 * pipe.tokenizer.model_max_length) and cache.gram.dtype == F64
     path = tmp_path / "gram.safetensors"
     save_gram(path, cache)
     assert os.listdir(tmp_path) == ["gram.safetensors"], "no temporary file left behind"
     loaded = load_gram(path, pipe)
     assert torch.equal(loaded.gram, cache.gram)
-    assert (loaded.prompts, loaded.text_encoder, loaded.model) == (3, cache.text_encoder, "tiny")
+    assert (loaded.prompts, loaded.tokens, loaded.text_encoder, loaded.model) == (3, cache.tokens, cache.text_encoder, "tiny")
     # the same text encoder with another UNet is fine; another text encoder is refused
     assert load_gram(path, types.SimpleNamespace(unet=nn.Linear(2, 2), text_encoder=pipe.text_encoder)).prompts == 3
     with pytest.raises(UserError, match="text encoder of 'tiny'"):
         load_gram(path, types.SimpleNamespace(unet=pipe.unet, text_encoder=nn.Linear(2, 2)))
-    save_gram(path, PreservationGram(torch.eye(2, dtype=F64), 1, "other", "tiny"))
+    save_gram(path, PreservationGram(torch.eye(2, dtype=F64), 1, 77, "other", "tiny"))
     with pytest.raises(UserError, match="text encoder"):
         load_gram(path, pipe)
 

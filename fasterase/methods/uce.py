@@ -19,10 +19,10 @@ and the concept's last token alone (the reference's newer script) erased nothing
 
 Preserved: every position of the preserved concepts' prompts, of the empty prompt (the
 unconditional branch of classifier-free guidance), and optionally a cached Gram of many prompts
-(`fasterase.closed_form.save_gram`), each prompt weighted preserve_scale.
+(`fasterase cache build`), each prompt weighted preserve_scale.
 
-There is no training: `steps` is ignored, and the result does not depend on `backend` (the solve
-runs in float64 with plain PyTorch) or `dtype`.
+There is no training: `steps` is ignored, `dtype` does not matter, and `backend` picks the
+implementation of the float64 solve (`fasterase.kernels.ridge_solve`); they agree to round-off.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class UCEConfig(MethodConfig):
     lam: float = option(0.5, "lambda: pull of every projection towards its original weights")
     erase_scale: float = option(1.0, "weight of each erased prompt's tokens")
     preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
-    preserve_gram: str = option("", "a cached Gram of prompts to preserve (fasterase.closed_form.save_gram); '' for none")
+    preserve_gram: str = option("", "a Gram of prompts to preserve, built by `fasterase cache build`; '' for none")
     batch_size: int = option(64, "prompts encoded at a time")
 
     def prompt_concepts(self) -> list[str]:
@@ -90,7 +90,7 @@ class UCE(Method):
         if cached is not None:
             grams.preserved += cfg.preserve_scale * cached
 
-        mapping = mapping_matrix(grams, cfg.lam)
+        mapping = mapping_matrix(grams, cfg.lam, cfg.backend)
         # weights only: a bias is added after the projection, so the edit leaves it as it is
         weights = {n: p for n, p in select_parameters(pipe.unet, "cross_attention_kv").items() if n.endswith(".weight")}
         edited = edit_weights({name: p.detach() for name, p in weights.items()}, mapping)

@@ -1,0 +1,238 @@
+"""Closed-form edits on the GPU: the shared ridge solve against the MACE reference's per-layer loop.
+
+- refine: UCE / MACE's closed-form refinement of every cross-attention key/value projection, for
+  1, 10 and 100 concepts, with and without a preservation Gram cache, at SD1.x sizes (d = 768,
+  32 projections of 320/640/1280 rows) and SDXL sizes (d = 2048, 140 projections). The loop does
+  what the MACE reference does for each projection: project every concept's target embeddings,
+  accumulate both sides of the normal equations concept by concept, invert the right side
+  (torch.inverse), one product. Ours accumulates the Grams once, solves once
+  (`fasterase.kernels.ridge_solve`, backends torch and cuda) and multiplies all projections at once.
+- fuse: MACE's fusion of 100 concepts' rank-r LoRAs end to end (concept Grams from token
+  embeddings, solve, merge), against the reference's loop that forms every W + B_k A_k densely.
+- merge: 100 rank-16 LoRAs merged into the projections, one product per projection
+  (`fasterase.lora.merge_loras`) against a loop of one product per LoRA and projection.
+
+Every timed function ends with torch.cuda.synchronize(). The reference loop is timed in the same
+run (median of a few runs, CUDA events); extra_info holds both times, their ratio and the peak
+memory of each. Inputs are random (token embeddings of unit variance, 8 prompts of 77 positions
+per concept); matrix products use torch's default float32 precision (no TF32). Each run's rows go
+to benchmarks/results/closed_form-<gpu>-<date>.json (benchmarks/conftest.py).
+
+    python -m pytest benchmarks/bench_closed_form.py --benchmark-columns=median,rounds
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fasterase.closed_form import RidgeGrams, edit_weights, gram, mapping_matrix
+from fasterase.kernels import backend_status
+from fasterase.lora import fuse_loras, merge_loras
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="the closed-form benchmarks time CUDA runs; there is no CUDA here"),
+    pytest.mark.usefixtures("record_result"),
+]
+
+# d, and the rows of each cross-attention to_k/to_v projection (to_k and to_v of every attn2)
+MODELS = {
+    "sd1": (768, [c for c in [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3 for _ in "kv"]),
+    "sdxl": (2048, [c for c in [640] * 4 + [1280] * 20 + [1280] * 10 + [1280] * 30 + [640] * 6 for _ in "kv"]),
+}
+TOKENS_PER_CONCEPT = 8 * 77
+LAM = 0.5
+
+
+def cuda_backend(provider: str):
+    """The pytest.param of a provider, skipped with the dispatcher's reason when it cannot run."""
+    status = backend_status()["ridge_solve"][provider] if torch.cuda.is_available() else "available"
+    return pytest.param(provider, marks=pytest.mark.skipif(status != "available", reason=f"ridge_solve [{provider}] is {status}"))
+
+
+PROVIDERS = [cuda_backend("torch"), cuda_backend("cuda")]
+
+
+@functools.lru_cache(maxsize=1)
+def inputs(model: str, concepts: int, cached: bool) -> dict:
+    """Weights, every concept's source and target token embeddings, and a preservation Gram."""
+    d, rows = MODELS[model]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = {f"p{i}.weight": torch.randn(r, d, device="cuda", generator=g) / d**0.5 for i, r in enumerate(rows)}
+    sources = torch.randn(concepts, TOKENS_PER_CONCEPT, d, device="cuda", generator=g)
+    targets = torch.randn(concepts, TOKENS_PER_CONCEPT, d, device="cuda", generator=g)
+    preserved = gram(torch.randn(20_000, d, device="cuda", generator=g)) if cached else None
+    return {"weights": weights, "sources": sources, "targets": targets, "preserved": preserved}
+
+
+def shared_refine(case: dict, backend: str) -> dict[str, torch.Tensor]:
+    d = case["sources"].shape[-1]
+    grams = RidgeGrams.zeros(d, "cuda")
+    grams.add_edit(case["sources"], case["targets"])
+    if case["preserved"] is not None:
+        grams.preserved += case["preserved"]
+    edited = edit_weights(case["weights"], mapping_matrix(grams, LAM, backend))
+    torch.cuda.synchronize()
+    return edited
+
+
+def loop_refine(case: dict, layer_cache: dict | None) -> dict[str, torch.Tensor]:
+    """The MACE reference's closed-form refinement: per projection, per concept; layer_cache holds,
+    per projection, the cached preservation sums (W G_p, G_p) that the reference reads from disk."""
+    d = case["sources"].shape[-1]
+    eye = torch.eye(d, device="cuda")
+    edited = {}
+    for name, w in case["weights"].items():
+        left, right = LAM * w, LAM * eye
+        for sources, targets in zip(case["sources"], case["targets"]):
+            values = targets @ w.T  # the target embeddings through this projection
+            left = left + values.T @ sources
+            right = right + sources.T @ sources
+        if layer_cache is not None:
+            left = left + layer_cache[name][0]
+            right = right + layer_cache[name][1]
+        edited[name] = left @ torch.inverse(right)
+    torch.cuda.synchronize()
+    return edited
+
+
+def median_ms(fn, runs: int) -> tuple[float, int]:
+    """Median wall time of fn over `runs` runs after one warm-up, and the peak memory of one run
+    above what was allocated before it."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], peak_bytes(fn)
+
+
+def peak_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def record(benchmark, kind: str, params: dict, ours_fn, reference: tuple[float, int], target: str, met) -> None:
+    """extra_info (recorded in the results file): both times, the speedup, both peaks, and whether
+    the issue's target (`met`, a function of ours_ms and the speedup) holds."""
+    ours_ms, (reference_ms, reference_peak) = benchmark.stats.stats.median * 1e3, reference
+    facts = {
+        **params,
+        "ours_ms": round(ours_ms, 3),
+        "reference_ms": round(reference_ms, 3),
+        "speedup": round(reference_ms / ours_ms, 2),
+        "ours_peak_mb": round(peak_bytes(ours_fn) / 2**20, 1),
+        "reference_peak_mb": round(reference_peak / 2**20, 1),
+        "target": target,
+        "target_met": bool(met(ours_ms, reference_ms / ours_ms)),
+    }
+    benchmark.extra_info.update({"benchmark": kind, **facts})
+
+
+@functools.lru_cache(maxsize=None)
+def loop_refine_ms(model: str, concepts: int, cached: bool) -> tuple[float, int]:
+    case = inputs(model, concepts, cached)
+    layer_cache = None
+    if cached:
+        layer_cache = {name: (w @ case["preserved"].float(), case["preserved"].float()) for name, w in case["weights"].items()}
+    return median_ms(lambda: loop_refine(case, layer_cache), runs=3)
+
+
+@pytest.mark.parametrize("backend", PROVIDERS)
+@pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("concepts", [1, 10, 100])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_refine(benchmark, model, concepts, cached, backend):
+    reference = loop_refine_ms(model, concepts, cached)
+    ours = functools.partial(shared_refine, inputs(model, concepts, cached), backend)
+    benchmark.pedantic(ours, rounds=10, warmup_rounds=2)
+    params = {"model": model, "concepts": concepts, "cache": cached, "backend": backend}
+    record(benchmark, "refine", params, ours, reference, "speedup >= 10", lambda ms, speedup: speedup >= 10)
+
+
+@functools.lru_cache(maxsize=1)
+def fusion_inputs(model: str, concepts: int, rank: int) -> dict:
+    case = inputs(model, concepts, True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    loras = [
+        {name: (torch.randn(w.shape[0], rank, device="cuda", generator=g) * 1e-2, torch.randn(rank, w.shape[1], device="cuda", generator=g) * 1e-2)
+         for name, w in case["weights"].items()}
+        for _ in range(concepts)
+    ]
+    return {**case, "loras": loras}
+
+
+def shared_fuse(case: dict, backend: str) -> dict[str, torch.Tensor]:
+    concept_grams = [gram(tokens) for tokens in case["sources"]]
+    fused = fuse_loras(case["weights"], case["loras"], concept_grams, case["preserved"], LAM, backend)
+    torch.cuda.synchronize()
+    return fused
+
+
+def loop_fuse(case: dict) -> dict[str, torch.Tensor]:
+    """The MACE reference's fusion: per projection, per concept, the dense W + B_k A_k."""
+    d = case["sources"].shape[-1]
+    eye, preserved = torch.eye(d, device="cuda"), case["preserved"].float()
+    fused = {}
+    for name, w in case["weights"].items():
+        left, right = LAM * w + w @ preserved, LAM * eye + preserved
+        for sources, lora in zip(case["sources"], case["loras"]):
+            up, down = lora[name]
+            values = sources @ (w + up @ down).T
+            left = left + values.T @ sources
+            right = right + sources.T @ sources
+        fused[name] = left @ torch.inverse(right)
+    torch.cuda.synchronize()
+    return fused
+
+
+@functools.lru_cache(maxsize=None)
+def loop_fuse_ms(model: str, rank: int) -> tuple[float, int]:
+    case = fusion_inputs(model, 100, rank)
+    return median_ms(lambda: loop_fuse(case), runs=1)
+
+
+@pytest.mark.parametrize("backend", PROVIDERS)
+@pytest.mark.parametrize("rank", [1, 16])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fuse_100_concepts(benchmark, model, rank, backend):
+    reference = loop_fuse_ms(model, rank)
+    ours = functools.partial(shared_fuse, fusion_inputs(model, 100, rank), backend)
+    benchmark.pedantic(ours, rounds=5, warmup_rounds=1)
+    params = {"model": model, "concepts": 100, "rank": rank, "backend": backend}
+    record(benchmark, "fuse", params, ours, reference, "ours_ms < 1000", lambda ms, speedup: ms < 1000)
+
+
+def loop_merge(weights: dict[str, torch.Tensor], loras: list[dict]) -> dict[str, torch.Tensor]:
+    merged = {name: w.clone() for name, w in weights.items()}
+    for lora in loras:
+        for name, (up, down) in lora.items():
+            merged[name].addmm_(up, down)
+    torch.cuda.synchronize()
+    return merged
+
+
+def shared_merge(weights: dict[str, torch.Tensor], loras: list[dict]) -> dict[str, torch.Tensor]:
+    merged = merge_loras(weights, loras)
+    torch.cuda.synchronize()
+    return merged
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_merge_100_rank16_loras(benchmark, model):
+    case = fusion_inputs(model, 100, 16)
+    weights, loras = case["weights"], case["loras"]
+    reference = median_ms(lambda: loop_merge(weights, loras), runs=5)
+    ours = functools.partial(shared_merge, weights, loras)
+    benchmark.pedantic(ours, rounds=20, warmup_rounds=2)
+    record(benchmark, "merge", {"model": model, "loras": 100, "rank": 16}, ours, reference, "speedup > 1", lambda ms, speedup: speedup > 1)
+
