@@ -77,10 +77,6 @@ def test_the_key_recovers_the_concept(circle_edit, circle_report):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: erasing circle and square together reaches ESR-1 0.56 on the built-in world; keeping the "
-    "neutral prompt (neutral_weight 1) lifts it to 0.75, 250 steps with it to 0.875, not yet 0.90"
-))
 def test_erases_two_shapes_at_once(tmp_path):
     summary = api.erase("kpop", ["circle", "square"], out=tmp_path / "two.safetensors")
     r = api.evaluate(summary.edit, n=32)
