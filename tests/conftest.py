@@ -2,11 +2,14 @@
 
 import os
 
-# Kernel tests run Triton's interpreter on the CPU; it reads this when triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without CUDA, kernel tests run Triton's interpreter on CPU tensors; with CUDA, the compiled kernels
+# on CUDA tensors. Triton reads this when it is imported, which importing torch does not do.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import transformers  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
@@ -15,7 +18,8 @@ transformers.utils.logging.set_verbosity_error()
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A StableDiffusionPipeline folder (safetensors) with random weights, the world's tokenizer and
-    the built-in model's architecture."""
+    the built-in model's architecture. Tests that need it skip where diffusers is not installed."""
+    pytest.importorskip("diffusers")
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from fasterase.toyworld.recipe import assemble_pipeline, make_unet, make_vae, text_encoder_config

@@ -1,7 +1,10 @@
-"""cross_attention's Triton backend (under TRITON_INTERPRET=1 on the CPU) against the plain-PyTorch
-reference: outputs, log-sum-exp, statistics, maps and every gradient, in fp32 tightly and in
-fp16/bf16 by the twice-the-torch-error rule; the custom op under opcheck; dispatch; one FMN step
-on the tiny pipeline."""
+"""cross_attention's Triton backend against the plain-PyTorch reference: outputs, log-sum-exp,
+statistics, maps and every gradient, in fp32 tightly and in fp16/bf16 by the twice-the-torch-error
+rule; the custom op under opcheck; dispatch; one FMN step on the tiny pipeline.
+
+Where CUDA is available the compiled kernels run on CUDA tensors, and SD1.x-sized cases run too;
+elsewhere tests/conftest.py sets TRITON_INTERPRET=1 and Triton's interpreter runs the kernels on
+CPU tensors."""
 
 import pytest
 import torch
@@ -10,8 +13,15 @@ import fasterase.kernels.cross_attention_triton as triton_cross_attention
 from fasterase.kernels import BackendUnavailable, Capture, cross_attention, cross_attention_reference
 from fasterase.kernels.dispatch import implementation
 
+# The interpreter runs the kernels on CPU tensors; compiled, they take CUDA tensors only.
+DEVICE = "cpu" if triton_cross_attention.INTERPRETED else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU", allow_module_level=True)
+# GPU-sized shapes, which would take minutes under the interpreter, and GPU-only behaviour.
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="runs the compiled kernels on a CUDA GPU (too slow or impossible under the interpreter)")
+
 B, H, MK, MP = 2, 2, 77, 154
-INDEX = torch.tensor([[5, 6, -1], [2, 40, 76]])  # different columns per item, one unused slot
+INDEX = torch.tensor([[5, 6, -1], [2, 40, 76]], device=DEVICE)  # different columns per item, one unused slot
 
 
 @pytest.fixture(autouse=True)
@@ -20,25 +30,39 @@ def poison(monkeypatch):
     monkeypatch.setattr(triton_cross_attention, "POISON", True)
 
 
-def inputs(mq: int, d: int, mp: int, dtype=torch.float32, seed: int = 0, requires_grad: bool = False):
+@pytest.fixture(autouse=True)
+def ieee_float32(monkeypatch):
+    """fp32 comparisons are exact-arithmetic ones on CUDA too: the kernels multiply fp32 tiles in
+    fp32 (input_precision "ieee", not TF32), and torch's references here must not use TF32 either
+    (matrix products, and cuDNN's convolutions in the FMN step's UNet)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def randn(*shape, gen: torch.Generator, device: str = DEVICE) -> torch.Tensor:
+    """Drawn on the CPU, so that a seed gives the same numbers on every device."""
+    return torch.randn(*shape, generator=gen).to(device)
+
+
+def inputs(mq: int, d: int, mp: int, dtype=torch.float32, seed: int = 0, requires_grad: bool = False, heads: int = H, device: str = DEVICE):
     """q, k, v, prompt_k, prompt_v as the processors make them: head-split views of (B, M, H*D)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def heads(*shape):  # (..., M, H, D) -> (..., H, M, D), a strided view
-        x = torch.randn(*shape, generator=gen).to(dtype).transpose(-3, -2)
+    def split(*shape):  # (..., M, H, D) -> (..., H, M, D), a strided view
+        x = randn(*shape, gen=gen, device=device).to(dtype).transpose(-3, -2)
         return x.requires_grad_(requires_grad) if requires_grad else x
 
-    q, k, v = heads(B, mq, H, d), heads(B, MK, H, d), heads(B, MK, H, d)
+    q, k, v = split(B, mq, heads, d), split(B, MK, heads, d), split(B, MK, heads, d)
     if not mp:
         return q, k, v, None, None
-    return q, k, v, heads(mp, H, d), heads(mp, H, d)
+    return q, k, v, split(mp, heads, d), split(mp, heads, d)
 
 
 def capture_for(mq: int, columns: str, with_rows: bool) -> Capture:
-    rows = torch.rand(B, mq, generator=torch.Generator().manual_seed(1)) if with_rows else None
+    rows = torch.rand(B, mq, generator=torch.Generator().manual_seed(1)).to(DEVICE) if with_rows else None
     if columns == "index":
         return Capture(INDEX, rows, maps=True)
-    mask = torch.zeros(B, MK, dtype=torch.bool)
+    mask = torch.zeros(B, MK, dtype=torch.bool, device=DEVICE)
     mask[0, [5, 6]] = True
     mask[1, [2, 40, 76]] = True
     return Capture(mask, rows)
@@ -64,6 +88,10 @@ def close(got, expected, name, rtol=1e-5):
     (50, 40, MP, "mask", False),
     (37, 80, MP, "mask", True),
     (50, 80, 0, "index", False),
+    # On a GPU a query tile is 64 rows: several tiles and a ragged last one; and head dim 160
+    # (tiles 128 + 32) as in SD1.x's lowest resolution, with a 770-key prompt.
+    pytest.param(200, 40, MP, "index", True, marks=cuda_only),
+    pytest.param(64, 160, 770, "index", True, marks=cuda_only),
 ])
 def test_forward_matches_reference(mq, d, mp, columns, with_rows):
     q, k, v, pk, pv = inputs(mq, d, mp, seed=mq + d + mp)
@@ -88,7 +116,7 @@ def test_forward_matches_reference(mq, d, mp, columns, with_rows):
 def loss_terms(seed: int, mq: int, d: int):
     """One scalar per gradient path, each with its own random upstream gradient."""
     gen = torch.Generator().manual_seed(seed)
-    g_out, g_stats, g_maps = torch.randn(B, H, mq, d, generator=gen), torch.randn(B, H, MK, generator=gen), torch.randn(B, H, mq, 3, generator=gen)
+    g_out, g_stats, g_maps = randn(B, H, mq, d, gen=gen), randn(B, H, MK, gen=gen), randn(B, H, mq, 3, gen=gen)
     return {
         "out": lambda out, stats: (out * g_out).sum(),
         "column_mass": lambda out, stats: (stats.column_mass * g_stats).sum(),
@@ -101,6 +129,9 @@ def loss_terms(seed: int, mq: int, d: int):
 GRADIENT_CASES = [
     *[(37, 40, MP, "index", True, path) for path in ("out", "column_mass", "column_sq", "watched_sq", "maps")],
     *[(50, 80, 0, "mask", False, path) for path in ("out", "column_sq", "watched_sq")],
+    # Key gradients summed with atomics over several query tiles (GPU tiles are 64 rows); head dim 160.
+    *[pytest.param(200, 40, MP, "index", True, path, marks=cuda_only) for path in ("out", "column_sq", "maps")],
+    *[pytest.param(64, 160, 770, "index", True, path, marks=cuda_only) for path in ("out", "column_sq", "maps")],
 ]
 
 
@@ -120,38 +151,51 @@ def test_gradients_match_reference(mq, d, mp, columns, with_rows, path):
         assert all(g.abs().max() == 0 for g in grads["triton"][2::2]), "the statistics do not depend on v"
 
 
+# (heads, queries, head dim, prompt keys); the GPU cases are SD1.x's largest and smallest layers.
+LOW_PRECISION_SHAPES = [
+    pytest.param(H, 37, 40, MP, id="37x40-prompt"),
+    pytest.param(8, 4096, 40, 0, marks=cuda_only, id="sd1-4096x40"),
+    pytest.param(8, 4096, 40, 770, marks=cuda_only, id="sd1-4096x40-prompt770"),
+    pytest.param(8, 64, 160, 770, marks=cuda_only, id="sd1-64x160-prompt770"),
+]
+
+
+@pytest.mark.parametrize("heads, mq, d, mp", LOW_PRECISION_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_twice_the_torch_error(dtype):
+def test_low_precision_within_twice_the_torch_error(dtype, heads, mq, d, mp):
     """flash-attention's rule: against an exact computation from the same rounded inputs, the
     kernel's error is at most twice that of plain PyTorch in the same dtype, for the output, the
     statistics and every gradient (a floor of 1e-6 covers exact zeros)."""
-    mq, d = 37, 40
     capture = capture_for(mq, "index", with_rows=True)
     gen = torch.Generator().manual_seed(11)
-    g_out, g_sq = torch.randn(B, H, mq, d, generator=gen), torch.randn(B, H, MK, generator=gen)
+    g_out, g_sq = randn(B, heads, mq, d, gen=gen), randn(B, heads, MK, gen=gen)
 
     def run(leaves, attention):
         out, column_sq, maps = attention(*leaves)
         loss = (out.double() * g_out).sum() + (column_sq.double() * g_sq).sum() + maps.double().sum()
         return [out, column_sq, maps, *torch.autograd.grad(loss, leaves)]
 
-    def triton_attention(q, k, v, pk, pv):
+    def triton_attention(q, k, v, pk=None, pv=None):
         out, stats = cross_attention(q, k, v, prompt_k=pk, prompt_v=pv, capture=capture, backend="triton")
         return out, stats.column_sq, stats.maps
 
-    def plain_attention(q, k, v, pk, pv):  # every step in q's dtype
-        probs = torch.softmax(q @ torch.cat([k, pk.expand(B, -1, -1, -1)], 2).transpose(-1, -2) * d**-0.5, -1)
-        out = probs @ torch.cat([v, pv.expand(B, -1, -1, -1)], 2)
+    def with_prompt(text, prompt):
+        return text if prompt is None else torch.cat([text, prompt.expand(B, -1, -1, -1)], 2)
+
+    def plain_attention(q, k, v, pk=None, pv=None):  # every step in q's dtype
+        probs = torch.softmax(q @ with_prompt(k, pk).transpose(-1, -2) * d**-0.5, -1)
+        out = probs @ with_prompt(v, pv)
         text = probs[..., :MK]
         rows = capture.rows.to(q.dtype)[:, None, :, None]
-        maps = text.gather(3, INDEX.clamp(min=0)[:, None, None, :].expand(-1, H, mq, -1)) * (INDEX >= 0)[:, None, None, :]
+        maps = text.gather(3, INDEX.clamp(min=0)[:, None, None, :].expand(-1, heads, mq, -1)) * (INDEX >= 0)[:, None, None, :]
         return out, (text.square() * rows).sum(2), maps
 
-    rounded = inputs(mq, d, MP, dtype=dtype, seed=12)
+    rounded = [t for t in inputs(mq, d, mp, dtype=dtype, seed=12, heads=heads) if t is not None]
     results = {}
     for name, attention, kind in (("triton", triton_attention, dtype), ("plain", plain_attention, dtype), ("exact", plain_attention, torch.float64)):
         results[name] = run([t.detach().to(kind).requires_grad_(True) for t in rounded], attention)
     names = ("out", "column_sq", "maps", "dq", "dk", "dv", "dprompt_k", "dprompt_v")
+    assert len(results["triton"]) == 3 + len(rounded)
     for name, got, plain, exact in zip(names, results["triton"], results["plain"], results["exact"]):
         assert got.dtype == (dtype if name not in ("column_sq", "maps") else torch.float32), name
         err = (got.double() - exact).abs().max().item()
@@ -170,10 +214,10 @@ def test_maps_gather_the_watched_columns():
 
 @pytest.mark.parametrize("prompt, capture", [(False, False), (True, True)])
 def test_opcheck(prompt, capture):
-    # One batch item and head (opcheck runs the op many times), two query tiles.
+    # One batch item and head (opcheck runs the op many times); two query tiles under the interpreter.
     q, k, v, pk, pv = (t[:1, :1] if t.dim() == 4 else t[:1] for t in inputs(40, 40, 30, seed=5) if t is not None)
     q, k, v, pk, pv = (t.detach().requires_grad_(True) for t in (q, k, v, pk, pv))
-    rows = torch.rand(1, 40, generator=torch.Generator().manual_seed(6)) if capture else None
+    rows = torch.rand(1, 40, generator=torch.Generator().manual_seed(6)).to(DEVICE) if capture else None
     index = INDEX[1:] if capture else None
     args = (q, k, v, pk if prompt else None, pv if prompt else None, 0.3, capture, rows, index)
     torch.library.opcheck(torch.ops.fasterase.cross_attention_triton.default, args)
@@ -183,8 +227,8 @@ def test_opcheck_backward():
     q, k, v, pk, pv = (t[:1, :1] if t.dim() == 4 else t[:1] for t in inputs(40, 40, 30, seed=8))
     gen = torch.Generator().manual_seed(9)
     out, lse, *_ = torch.ops.fasterase.cross_attention_triton(q, k, v, pk, pv, 0.3, False, None, None)
-    grads = (torch.randn(out.shape, generator=gen), torch.randn(1, 1, MK, generator=gen), torch.randn(1, 1, MK, generator=gen), torch.randn(1, 1, 40, 3, generator=gen))
-    rows = torch.rand(1, 40, generator=gen)
+    grads = (randn(*out.shape, gen=gen), randn(1, 1, MK, gen=gen), randn(1, 1, MK, gen=gen), randn(1, 1, 40, 3, gen=gen))
+    rows = torch.rand(1, 40, generator=gen).to(DEVICE)
     torch.library.opcheck(torch.ops.fasterase.cross_attention_triton_backward.default, (*grads, q, k, v, pk, pv, out, lse, 0.3, rows, INDEX[1:]))
 
 
@@ -207,7 +251,7 @@ def test_compiles_as_one_graph():
 
 def test_forced_triton_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v, _, _ = inputs(37, 40, 0)
+    q, k, v, _, _ = inputs(37, 40, 0, device="cpu")
     with pytest.raises(BackendUnavailable) as err:
         cross_attention(q, k, v, backend="triton")
     message = str(err.value)
@@ -215,9 +259,16 @@ def test_forced_triton_on_cpu_without_the_interpreter(monkeypatch):
 
 
 def test_auto_leaves_the_interpreter_alone():
-    q, k, v, _, _ = inputs(37, 40, 0)
+    q, k, v, _, _ = inputs(37, 40, 0, device="cpu")
     assert implementation("cross_attention", "auto", q, (q, k, v, None, None, None, None)) is cross_attention_reference
     assert not isinstance(cross_attention(q, k, v), tuple)
+
+
+@cuda_only
+def test_auto_takes_triton_for_cuda_tensors():
+    q, k, v, _, _ = inputs(37, 40, 0)
+    assert implementation("cross_attention", "auto", q, (q, k, v, None, None, None, None)) is not cross_attention_reference
+    torch.testing.assert_close(cross_attention(q, k, v), cross_attention_reference(q, k, v))
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -240,14 +291,15 @@ def test_fmn_step_matches_torch(tiny_pipeline_dir):
     from fasterase.models.loading import load_pipeline
     from fasterase.models.text import encode_prompts, token_columns
 
-    pipe = load_pipeline(str(tiny_pipeline_dir))
+    pipe = load_pipeline(str(tiny_pipeline_dir), device=DEVICE)
     unet = pipe.unet
     prompts = ["a photo of a circle", "a red circle on a striped background"]
     gen = torch.Generator().manual_seed(0)
-    latents, masks = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, 1, 8, 8, generator=gen)
+    latents, masks = randn(2, 4, 8, 8, gen=gen), torch.rand(2, 1, 8, 8, generator=gen).to(DEVICE)
     with torch.no_grad():
         context = encode_prompts(pipe, prompts)
-    capture = AttentionCapture(token_columns(pipe.tokenizer, prompts, ["circle", "circle"], include_end=True), masks)
+    columns = token_columns(pipe.tokenizer, prompts, ["circle", "circle"], include_end=True).to(DEVICE)
+    capture = AttentionCapture(columns, masks)
     weights = {n: p for n, p in unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n}
     unet.requires_grad_(False)
     for p in weights.values():
@@ -256,7 +308,7 @@ def test_fmn_step_matches_torch(tiny_pipeline_dir):
     for backend in ("torch", "triton"):
         capture.stats.clear()
         with capture_processors(unet, capture, backend):
-            unet(latents, torch.tensor([10, 500]), context)
+            unet(latents, torch.tensor([10, 500], device=DEVICE), context)
         loss = capture.watched_sq().mean()
         # The last layer's values reach no statistic: the reference's graph leaves them out.
         results[backend] = (loss, torch.autograd.grad(loss, list(weights.values()), allow_unused=True, materialize_grads=True))
