@@ -113,6 +113,7 @@ def test_ints_accepted_for_floats():
         {"dtype": "float64"},
         {"batch_size": 0},
         {"prompt_length": 0},
+        {"negative_guidance": -0.5},
     ],
 )
 def test_invalid_values(layer):
