@@ -6,6 +6,7 @@ same); `auto` takes the first backend with no reasons.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Callable
 
@@ -38,12 +39,26 @@ class BackendUnavailable(UserError):
     """A forced backend cannot run the given inputs."""
 
 
+# Every attention call asks whether the extension is there, and Python retries a failed import (a
+# search of sys.path, ~35 us here) each time: the answer is kept, since what is installed does not
+# change while the process runs. (Not functools.cache: torch.compile traces through this and warns
+# about cache wrappers.)
+_EXTENSION_REASON_UNKNOWN = object()
+_extension_reason: str | None | object = _EXTENSION_REASON_UNKNOWN
+# Whether triton can be imported, without importing it.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _cuda_extension_reason() -> str | None:
-    try:
-        import fasterase._C  # noqa: F401
-    except ImportError as exc:
-        return f"the CUDA extension is not built ({exc})"
-    return None
+    global _extension_reason
+    if _extension_reason is _EXTENSION_REASON_UNKNOWN:
+        try:
+            import fasterase._C  # noqa: F401
+        except ImportError as exc:
+            _extension_reason = f"the CUDA extension is not built ({exc})"
+        else:
+            _extension_reason = None
+    return _extension_reason
 
 
 def _reasons(op: str, backend: str, example: torch.Tensor | None, inputs: tuple | None = None, auto: bool = False) -> list[str]:
@@ -53,15 +68,12 @@ def _reasons(op: str, backend: str, example: torch.Tensor | None, inputs: tuple 
     if backend not in _IMPLEMENTATIONS[op]:
         reasons.append(f"no {backend} implementation of {op} yet")
     if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        if not _TRITON_INSTALLED:
             reasons.append("triton is not installed")
-        else:
-            if op == "cross_attention" and inputs is not None:
-                from .cross_attention_triton import unsupported_reasons
+        elif op == "cross_attention" and inputs is not None:
+            from .cross_attention_triton import unsupported_reasons
 
-                reasons += unsupported_reasons(*inputs)
+            reasons += unsupported_reasons(*inputs)
         if example is not None and example.device.type != "cuda":
             if os.environ.get("TRITON_INTERPRET") != "1":
                 reasons.append(f"triton kernels run on CUDA tensors, these are on {example.device.type} (TRITON_INTERPRET=1 runs them on the CPU, slowly)")
