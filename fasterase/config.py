@@ -22,6 +22,12 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def check_choice(name: str, value: Any, choices) -> None:
+    """UserError, one line, unless `value` is one of `choices` (an option with named values)."""
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
 @dataclass
 class MethodConfig:
     """Options every method shares."""
@@ -48,8 +54,7 @@ class MethodConfig:
             raise UserError(f"steps must be at least 1, not {self.steps}")
         if self.backend not in ("auto", "torch", "triton", "cuda"):
             raise UserError(f"backend must be auto, torch, triton or cuda, not {self.backend!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
+        check_choice("dtype", self.dtype, DTYPE_NAMES)
         if not self.templates or any("{}" not in t for t in self.templates):
             raise UserError("every template must contain {} where the concept goes")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import option
+from ..config import check_choice, option
 from ..errors import UserError
 from ..models.text import encode_prompts
 from . import ErasureResult, Method, Progress, register
@@ -42,8 +42,7 @@ class CAConfig(TrajectoryConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trainable not in TRAINABLE_SETS:
-            raise UserError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, not {self.trainable!r}")
+        check_choice("trainable", self.trainable, TRAINABLE_SETS)
         if self.anchor in self.concepts:
             raise UserError(f"the anchor {self.anchor!r} is one of the concepts to erase")
 

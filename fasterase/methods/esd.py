@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import option
+from ..config import check_choice, option
 from ..errors import UserError
 from ..models.text import encode_prompts
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 from .trajectories import predict_noise
-from .training import PredictionTargets, TrajectoryConfig, changed_tensors, match_predictions, sample_banks, trajectory_prompts
+from .training import (
+    PredictionTargets, TrajectoryConfig, changed_tensors, guided_away, match_predictions, sample_banks, trajectory_prompts,
+)
 
 # The paper's names for the parameter sets it trains -> ours.
 TRAINABLE_SETS = {
@@ -46,8 +48,7 @@ class ESDConfig(TrajectoryConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trainable not in TRAINABLE_SETS:
-            raise UserError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, not {self.trainable!r}")
+        check_choice("trainable", self.trainable, TRAINABLE_SETS)
         if self.negative_guidance < 0:
             raise UserError(f"negative_guidance must be at least 0, not {self.negative_guidance}")
 
@@ -65,7 +66,7 @@ class ESD(Method):
         # The frozen model's predictions, once, before anything changes.
         eps_concept = predict_noise(unet, bank.latents, bank.timesteps, context[bank.prompt_index])
         eps_empty = predict_noise(unet, bank.latents, bank.timesteps, encode_prompts(pipe, [""]).expand(len(bank), -1, -1))
-        target = eps_empty - cfg.negative_guidance * (eps_concept - eps_empty)
+        target = guided_away(eps_empty, eps_concept, cfg.negative_guidance)
         params = select_parameters(unet, TRAINABLE_SETS[cfg.trainable])
         match_predictions(unet, params, PredictionTargets(bank, context, target), keep, cfg, progress)
         return ErasureResult(tensors=changed_tensors("unet", params))

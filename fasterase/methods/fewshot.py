@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..concept_images import ImageMethodConfig, concept_images, uniform_timesteps
-from ..config import option
+from ..config import check_choice, option
 from ..errors import UserError
 from ..evaluation.sampling import SamplingConfig
 from ..models.text import encode_prompts, token_ids
@@ -71,8 +71,7 @@ class FewShotConfig(ImageMethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trainable not in TEXT_ENCODER_SETS:
-            raise UserError(f"trainable must be one of {', '.join(TEXT_ENCODER_SETS)}, not {self.trainable!r}")
+        check_choice("trainable", self.trainable, TEXT_ENCODER_SETS)
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
         for name in ("image_count", "batch_size", "sample_steps", "log_every"):

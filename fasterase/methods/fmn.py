@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attention import AttentionCapture, capture_processors
 from ..concept_images import ConceptImages, ImageMethodConfig, concept_images, uniform_timesteps
-from ..config import option
+from ..config import check_choice, option
 from ..errors import UserError
 from ..evaluation.sampling import SamplingConfig
 from ..models.text import encode_prompts, padded_ids, token_columns
@@ -52,8 +52,7 @@ class FMNConfig(ImageMethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trainable not in PARAMETER_SETS:
-            raise UserError(f"trainable must be one of {', '.join(PARAMETER_SETS)}, not {self.trainable!r}")
+        check_choice("trainable", self.trainable, PARAMETER_SETS)
         for name in ("batch_size", "image_count", "inversion_tokens", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1")

@@ -31,15 +31,15 @@ import torch
 from torch import nn
 
 from ..attention import INJECTION_SITES, LearnedPrompt, prompt_processors
-from ..config import option
+from ..config import check_choice, option
 from ..errors import UserError
 from ..models.text import encode_prompts
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 from .trajectories import predict_noise
 from .training import (
-    TrajectoryConfig, autocast, changed_tensors, concept_schedule, run_steps, sample_banks, trainable, trajectory_prompts,
-    uniform_schedule,
+    TrajectoryConfig, autocast, changed_tensors, concept_schedule, guided_away, run_steps, sample_banks, trainable,
+    trajectory_prompts, uniform_schedule,
 )
 
 TRAINABLE_SETS = ("cross_attention", "cross_attention_kv", "non_cross_attention")
@@ -68,12 +68,10 @@ class KPOPConfig(TrajectoryConfig):
         super().__post_init__()
         if self.prompt_mode not in ("concat", "additive"):
             raise UserError(f"prompt_mode must be concat or additive, not {self.prompt_mode!r}")
-        if self.inject not in INJECTION_SITES:
-            raise UserError(f"inject must be one of {', '.join(INJECTION_SITES)}, not {self.inject!r}")
-        if self.trainable not in TRAINABLE_SETS:
-            raise UserError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, not {self.trainable!r}")
+        check_choice("inject", self.inject, INJECTION_SITES)
+        check_choice("trainable", self.trainable, TRAINABLE_SETS)
         if self.negative_guidance < 0:
-            raise UserError("negative_guidance must be at least 0")
+            raise UserError(f"negative_guidance must be at least 0, not {self.negative_guidance}")
         if self.prompt_length < 1:
             raise UserError("prompt_length must be at least 1")
 
@@ -95,7 +93,7 @@ class KPOP(Method):
         # The original model's predictions, once, before anything changes.
         target_e = predict_noise(unet, bank_e.latents, bank_e.timesteps, context[bank_e.prompt_index])
         target_n = predict_noise(unet, bank_e.latents, bank_e.timesteps, context_n[bank_e.prompt_index])
-        target_r = target_n - cfg.negative_guidance * (target_e - target_n)  # the removal target
+        target_r = guided_away(target_n, target_e, cfg.negative_guidance)  # the removal target
 
         prompt = LearnedPrompt(cfg.prompt_mode, *self._prompt_shape(cfg, context), init=self._prompt_init(cfg, context)).to(device)
         params = select_parameters(unet, cfg.trainable)

@@ -62,6 +62,12 @@ def uniform_schedule(entries: int, steps: int, size: int, generator: torch.Gener
     return torch.randint(max(1, entries), (steps, size), generator=generator).to(device)
 
 
+def guided_away(neutral: torch.Tensor, concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """eps(c_n) - eta (eps(c_e) - eps(c_n)): a target past the neutral prediction, away from the
+    concept's (ESD's negative guidance; eta 0 is the neutral prediction itself)."""
+    return neutral - eta * (concept - neutral)
+
+
 def autocast(device: torch.device, dtype: str):
     """Mixed precision on a GPU when a lower dtype is asked for; float32 elsewhere."""
     if dtype != "float32" and device.type == "cuda":
