@@ -31,12 +31,16 @@ def poison(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def ieee_float32(monkeypatch):
+def ieee_float32():
     """fp32 comparisons are exact-arithmetic ones on CUDA too: the kernels multiply fp32 tiles in
     fp32 (input_precision "ieee", not TF32), and torch's references here must not use TF32 either
     (matrix products, and cuDNN's convolutions in the FMN step's UNet)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    # Not monkeypatch: these flags are computed attributes, which pytest 9.2's monkeypatch records
+    # as missing and then fails to delete on teardown.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def randn(*shape, gen: torch.Generator, device: str = DEVICE) -> torch.Tensor:
