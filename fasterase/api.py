@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .attention import backend_processors
 from .config import make_config, preset as load_preset, read_yaml
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key
 from .errors import UserError
@@ -101,7 +102,10 @@ def erase(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.time()
-    result = method_class().erase(pipe, cfg, progress)
+    # A forced backend runs every cross-attention layer of the run, sampling included, also in
+    # methods that set no processors of their own (ESD, CA, fewshot).
+    with backend_processors(pipe.unet, cfg.op_backend("cross_attention")):
+        result = method_class().erase(pipe, cfg, progress)
     seconds = time.time() - start
     metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprint=base, base_model=model_name(model))
     key = None

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: the method's)")
     p.add_argument("--config", help="a YAML file of method options")
     p.add_argument("--preset", help="a packaged preset, e.g. sd14 (the paper's settings)")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="kernel backend (default auto)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="kernel backend (default auto: the fastest that runs here); ops not written in a forced backend run torch")
     p.add_argument("--seed", type=int)
     p.add_argument("--images", help="a folder of the concept's images (methods that learn from images; default: sampled from the model)")
     p.add_argument("--masks", help="a folder of masks named like the images (white: the concept)")

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .kernels import BACKEND_NAMES, backend_for
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
@@ -36,7 +37,7 @@ class MethodConfig:
     preserve: list[str] = option([], "concepts whose generation must not change")
     steps: int = option(100, "training steps")
     seed: int = option(0, "random seed of sampling and training")
-    backend: str = option("auto", "kernel backend: auto, torch, triton or cuda")
+    backend: str = option("auto", "kernel backend: auto, torch, triton or cuda (ops not written in it run torch)")
     dtype: str = option("float32", "compute dtype on a GPU: float32, float16 or bfloat16")
     templates: list[str] = option(
         ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
@@ -52,11 +53,15 @@ class MethodConfig:
                 raise UserError(f"{name} must not contain an empty concept")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, not {self.steps}")
-        if self.backend not in ("auto", "torch", "triton", "cuda"):
-            raise UserError(f"backend must be auto, torch, triton or cuda, not {self.backend!r}")
+        check_choice("backend", self.backend, ("auto", *BACKEND_NAMES))
         check_choice("dtype", self.dtype, DTYPE_NAMES)
         if not self.templates or any("{}" not in t for t in self.templates):
             raise UserError("every template must contain {} where the concept goes")
+
+    def op_backend(self, op: str) -> str:
+        """The backend `op` runs on in this run: `backend` where `op` is written in it, else the
+        torch reference (see `fasterase.kernels.backend_for`)."""
+        return backend_for(op, self.backend)
 
     def prompt_concepts(self) -> list[str]:
         """Every concept this config writes into a prompt; each is checked against the tokenizer

@@ -2,7 +2,8 @@
 
 Backends: `torch` (the reference, runs everywhere), `triton`, `cuda` (the compiled extension).
 `auto` picks the first backend that can run the given inputs; a forced backend that cannot run
-raises `BackendUnavailable` with its reasons.
+raises `BackendUnavailable` with its reasons. `backend_for` maps a run-wide choice onto an op
+(ops not written in the chosen backend run the reference).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .capture import AttentionStats, Capture
-from .dispatch import BACKEND_NAMES, BackendUnavailable, backend_status, implementation
+from .dispatch import BACKEND_NAMES, BackendUnavailable, backend_for, backend_status, implementation
 from .reference import cross_attention_reference
 from .ridge_solve import ridge_solve, ridge_solve_reference
 
@@ -19,6 +20,7 @@ __all__ = [
     "BACKEND_NAMES",
     "Capture",
     "BackendUnavailable",
+    "backend_for",
     "backend_status",
     "cross_attention",
     "cross_attention_reference",

@@ -27,7 +27,7 @@ def _cross_attention_triton(*args):
     return cross_attention_triton(*args)
 
 
-# op name -> backend name -> implementation; an op missing from a backend is not written yet.
+# op name -> backend name -> implementation; an op missing from a backend is not written in it.
 # A "cuda" implementation calls the op fasterase::<op name> that the extension (csrc/) registers.
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "cross_attention": {"torch": cross_attention_reference, "triton": _cross_attention_triton},
@@ -66,7 +66,7 @@ def _reasons(op: str, backend: str, example: torch.Tensor | None, inputs: tuple 
     arguments `inputs`); `auto`: for the automatic choice, which leaves the Triton interpreter alone."""
     reasons = []
     if backend not in _IMPLEMENTATIONS[op]:
-        reasons.append(f"no {backend} implementation of {op} yet")
+        reasons.append(f"{op} is not written in {backend} (a run forced to {backend} runs it on torch)")
     if backend == "triton":
         if not _TRITON_INSTALLED:
             reasons.append("triton is not installed")
@@ -104,6 +104,20 @@ def implementation(op: str, backend: str, example: torch.Tensor | None = None, i
     if reasons:
         raise BackendUnavailable(f"backend {backend!r} cannot run {op}: {'; '.join(reasons)}")
     return _IMPLEMENTATIONS[op][backend]
+
+
+def backend_for(op: str, backend: str) -> str:
+    """The backend that a run-wide choice (a method's `backend`, the CLI's --backend) gives `op`:
+    the choice itself where `op` has an implementation in it, else the torch reference.
+
+    A forced backend picks the implementation of the ops written in it; an op it lacks by design
+    (no Triton Cholesky for ridge_solve, no CUDA C++ cross_attention yet) is not a reason to refuse
+    the run, so it runs the reference. Whether the chosen implementation can run the inputs is
+    still checked when the op is called: a backend that cannot run there raises, as before.
+    """
+    if backend == "auto" or backend in _IMPLEMENTATIONS[op]:
+        return backend
+    return "torch"
 
 
 def backend_status() -> dict[str, dict[str, str]]:

@@ -24,7 +24,7 @@ from fasterase.closed_form import (
     save_gram,
 )
 from fasterase.errors import UserError
-from fasterase.kernels import BackendUnavailable, backend_status, ridge_solve
+from fasterase.kernels import BackendUnavailable, backend_for, backend_status, ridge_solve
 
 F64 = torch.float64
 CUDA_SOLVE = backend_status()["ridge_solve"]["cuda"]
@@ -191,7 +191,7 @@ def test_solve_op_schema_and_fake(backend):
 def test_solve_dispatch_reports_why_a_backend_cannot_run():
     status = backend_status()["ridge_solve"]
     assert status["torch"] == "available"
-    assert "no triton implementation of ridge_solve" in status["triton"]
+    assert "ridge_solve is not written in triton" in status["triton"]
     rhs, grams = torch.randn(3, 4), [torch.eye(4, dtype=F64)]
     with pytest.raises(BackendUnavailable, match="triton"):
         ridge_solve(rhs, grams, 0.5, backend="triton")
@@ -200,6 +200,11 @@ def test_solve_dispatch_reports_why_a_backend_cannot_run():
         with pytest.raises(BackendUnavailable, match="backend 'cuda' cannot run ridge_solve: "):
             ridge_solve(rhs, grams, 0.5, backend="cuda")
     assert torch.equal(ridge_solve(rhs, grams, 0.5), ridge_solve(rhs, grams, 0.5, backend="torch"))
+
+
+def test_a_run_wide_backend_runs_the_reference_for_ops_not_written_in_it():
+    assert [backend_for("ridge_solve", b) for b in ("auto", "torch", "triton", "cuda")] == ["auto", "torch", "torch", "cuda"]
+    assert [backend_for("cross_attention", b) for b in ("auto", "torch", "triton", "cuda")] == ["auto", "torch", "triton", "torch"]
 
 
 @cuda_only

@@ -63,3 +63,21 @@ def test_sd14_preset_loads():
 
     cfg = make_config(ESDConfig, preset("esd", "sd14"), {"concepts": ["circle"]})
     assert cfg.lr == 1e-5 and cfg.steps == 1000 and cfg.negative_guidance == 1.0 and cfg.trainable == "x"
+
+
+def test_a_forced_backend_runs_every_cross_attention_layer(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """ESD sets no processors of its own: a forced backend still runs its sampling and training,
+    and cuda, in which cross_attention is not written, runs the reference."""
+    from fasterase import kernels
+
+    backends = []
+    attend = kernels.cross_attention
+
+    def recorded(*args, backend, **kwargs):
+        backends.append(backend)
+        return attend(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(kernels, "cross_attention", recorded)
+    options = {k: v for k, v in TINY.items() if k != "concepts"}
+    api.erase("esd", ["circle"], model=tiny_pipeline_dir, out=tmp_path / "e.safetensors", backend="cuda", **options)
+    assert backends and set(backends) == {"torch"}

@@ -50,9 +50,11 @@ def test_the_concept_prompt_is_projected_like_its_guide(tiny_pipeline_dir):
 
 
 def test_same_weights_whatever_backend(tiny_pipeline_dir):
-    results = [erase(tiny_pipeline_dir, backend=backend)[2].tensors for backend in ("torch", "auto")]
-    assert results[0].keys() == results[1].keys()
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    # triton has no ridge_solve: forced, the run solves with the reference
+    results = [erase(tiny_pipeline_dir, backend=backend)[2].tensors for backend in ("torch", "auto", "triton")]
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        assert all(torch.equal(results[0][k], other[k]) for k in results[0])
 
 
 def test_preservation_gram_cache_is_used_and_checked(tiny_pipeline_dir, tmp_path):

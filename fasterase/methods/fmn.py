@@ -141,7 +141,7 @@ class ForgetMeNot(Method):
             optimizer.step()
             return {"attention": loss.detach()}
 
-        with trainable(params), capture_processors(unet, capture, cfg.backend):
+        with trainable(params), capture_processors(unet, capture, cfg.op_backend("cross_attention")):
             run_steps(step, cfg.steps, cfg.log_every, progress)
         return ErasureResult(tensors=changed_tensors("unet", params))
 

@@ -136,7 +136,7 @@ class KPOP(Method):
             model_opt.step()
             return {"transfer": transfer.detach(), "removal": removal.detach()}
 
-        with trainable(params), prompt_processors(unet, prompt, cfg.inject, cfg.backend):
+        with trainable(params), prompt_processors(unet, prompt, cfg.inject, cfg.op_backend("cross_attention")):
             run_steps(step, cfg.steps, cfg.log_every, progress)
 
         return ErasureResult(

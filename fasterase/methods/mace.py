@@ -197,7 +197,9 @@ class MACE(Method):
         with torch.no_grad():
             by_concept = (len(cfg.concepts), len(cfg.templates), *context.shape[1:])
             concept_grams = [gram(own, mask) for own, mask in zip(context.view(by_concept), edited.view(by_concept[:3]))]
-            fused = fuse_loras({n: p.detach() for n, p in weights.items()}, loras, concept_grams, preserved, cfg.lam)
+            fused = fuse_loras(
+                {n: p.detach() for n, p in weights.items()}, loras, concept_grams, preserved, cfg.lam, cfg.op_backend("ridge_solve")
+            )
             for name, value in fused.items():
                 weights[name].copy_(value)
         separate = {c: lora_state_dict(factors) for c, factors in zip(cfg.concepts, loras)} if cfg.save_loras else {}
@@ -212,7 +214,7 @@ class MACE(Method):
         grams = RidgeGrams.zeros(context.shape[-1], context.device)
         grams.add_edit(context, mapped, edited)
         grams.preserved += preserved.to(grams.preserved.device)
-        mapping = mapping_matrix(grams, cfg.lam)
+        mapping = mapping_matrix(grams, cfg.lam, cfg.op_backend("ridge_solve"))
         for name, value in edit_weights({n: p.detach() for n, p in weights.items()}, mapping).items():
             weights[name].copy_(value)
 
@@ -231,7 +233,7 @@ class MACE(Method):
 
         capture = AttentionCapture(columns[:0])
         mixed_precision = autocast(device, cfg.dtype)
-        with concept_loras(unet, count, cfg.rank, cfg.seed) as loras, capture_processors(unet, capture, cfg.backend):
+        with concept_loras(unet, count, cfg.rank, cfg.seed) as loras, capture_processors(unet, capture, cfg.op_backend("cross_attention")):
             loras.route(items.concept)  # the same items' concepts every step
             params = loras.parameters()
             optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)

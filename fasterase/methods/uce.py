@@ -22,7 +22,8 @@ unconditional branch of classifier-free guidance), and optionally a cached Gram 
 (`fasterase cache build`), each prompt weighted preserve_scale.
 
 There is no training: `steps` is ignored, `dtype` does not matter, and `backend` picks the
-implementation of the float64 solve (`fasterase.kernels.ridge_solve`); they agree to round-off.
+implementation of the float64 solve (`fasterase.kernels.ridge_solve`; triton, which has none, runs
+the torch reference); they agree to round-off.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class UCE(Method):
         if cached is not None:
             grams.preserved += cfg.preserve_scale * cached
 
-        mapping = mapping_matrix(grams, cfg.lam, cfg.backend)
+        mapping = mapping_matrix(grams, cfg.lam, cfg.op_backend("ridge_solve"))
         # weights only: a bias is added after the projection, so the edit leaves it as it is
         weights = {n: p for n, p in select_parameters(pipe.unet, "cross_attention_kv").items() if n.endswith(".weight")}
         edited = edit_weights({name: p.detach() for name, p in weights.items()}, mapping)
