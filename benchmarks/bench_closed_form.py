@@ -9,6 +9,8 @@
   (`fasterase.kernels.ridge_solve`, backends torch and cuda) and multiplies all projections at once.
 - fuse: MACE's fusion of 100 concepts' rank-r LoRAs end to end (concept Grams from token
   embeddings, solve, merge), against the reference's loop that forms every W + B_k A_k densely.
+- gram: the symmetric Gram of a batch of 256 prompts (lower-triangle block rows only), against the
+  whole product.
 - merge: 100 rank-16 LoRAs merged into the projections, one product per projection
   (`fasterase.lora.merge_loras`) against a loop of one product per LoRA and projection.
 
@@ -236,3 +238,30 @@ def test_merge_100_rank16_loras(benchmark, model):
     benchmark.pedantic(ours, rounds=20, warmup_rounds=2)
     record(benchmark, "merge", {"model": model, "loras": 100, "rank": 16}, ours, reference, "speedup > 1", lambda ms, speedup: speedup > 1)
 
+
+
+def full_gram(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum w x x^T as one whole product, both triangles (what `gram` halves)."""
+    rows = x.reshape(-1, x.shape[-1]).double()
+    product = (rows * weights.reshape(-1, 1).double()).T @ rows
+    torch.cuda.synchronize()
+    return product
+
+
+def timed_gram(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    result = gram(x, weights)
+    torch.cuda.synchronize()
+    return result
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_gram_of_a_batch_of_prompts(benchmark, model):
+    """One batch of `cache build` or of a method's prompts: 256 prompts of 77 positions, half masked."""
+    dim = MODELS[model][0]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 77, dim, device="cuda", generator=generator)
+    weights = (torch.rand(256, 77, device="cuda", generator=generator) > 0.5).float()
+    reference = median_ms(lambda: full_gram(x, weights), runs=10)
+    ours = functools.partial(timed_gram, x, weights)
+    benchmark.pedantic(ours, rounds=20, warmup_rounds=2)
+    record(benchmark, "gram", {"model": model, "prompts": 256}, ours, reference, "speedup > 1 (half the products)", lambda ms, speedup: speedup > 1)

@@ -39,6 +39,9 @@ from .models.fingerprint import fingerprint
 from .models.text import encode_prompts
 
 GRAM_FORMAT = "fasterase-gram"
+# Rows of the symmetric Gram multiplied at once: wide enough for an efficient product, narrow
+# enough that the products above the diagonal (the part thrown away) stay a small share.
+GRAM_BLOCK = 128
 
 
 def gram(x: torch.Tensor, weights: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,9 +55,16 @@ def gram(x: torch.Tensor, weights: torch.Tensor | None = None, targets: torch.Te
     paired = rows if targets is None else targets.reshape(-1, targets.shape[-1]).to(torch.float64)
     if weights is not None:
         paired = paired * torch.broadcast_to(weights, x.shape[:-1]).reshape(-1, 1).to(torch.float64)
-    product = paired.T @ rows
-    # Rounding makes (w x)^T x slightly asymmetric; Cholesky reads one triangle only.
-    return (product + product.T) / 2 if targets is None else product
+    if targets is not None:
+        return paired.T @ rows
+    # Symmetric: only the block rows of the lower triangle are multiplied (about half the work at
+    # d = 768), then mirrored, which also makes the result exactly symmetric.
+    dim = rows.shape[1]
+    lower = rows.new_empty(dim, dim)
+    for start in range(0, dim, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, dim)
+        lower[start:stop, :stop] = paired[:, start:stop].T @ rows[:, :stop]
+    return lower.tril() + lower.tril(-1).T
 
 
 @dataclass

@@ -63,6 +63,20 @@ def test_gram_with_weights_and_targets():
     assert torch.allclose(gram(x, torch.tensor(2.0)), 2 * rows.T @ rows, rtol=1e-12)
 
 
+def test_symmetric_gram_over_several_blocks():
+    """Only the lower triangle's block rows are multiplied: blocks, the ragged last one and the
+    mirroring must give the whole product."""
+    from fasterase.closed_form import GRAM_BLOCK
+
+    g = torch.Generator().manual_seed(5)
+    d = 2 * GRAM_BLOCK + 37
+    x, w = torch.randn(2, 25, d, generator=g), torch.rand(2, 25, generator=g)
+    rows, weights = x.reshape(-1, d).double(), w.reshape(-1, 1).double()
+    symmetric = gram(x, w)
+    assert torch.equal(symmetric, symmetric.T)
+    assert torch.allclose(symmetric, (weights * rows).T @ rows, rtol=1e-12, atol=1e-12)
+
+
 def test_embedding_targets_match_the_dense_formula_on_a_random_system():
     g = torch.Generator().manual_seed(1)
     d, lam = 32, 0.5
