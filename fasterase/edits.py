@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fasterase.errors import UserError
+from fasterase.models.fingerprint import portable_name
 
 EDIT_FORMAT = "fasterase-edit"
 KEY_FORMAT = "fasterase-key"
@@ -156,7 +157,8 @@ def check_edit(pipe, edit: Edit, base_fingerprint: str) -> list[tuple[torch.Tens
         component, _, name = key.partition(".")
         if component not in states:
             module = getattr(pipe, component, None)
-            states[component] = module.state_dict(keep_vars=True) if isinstance(module, nn.Module) else {}
+            state = module.state_dict(keep_vars=True) if isinstance(module, nn.Module) else {}
+            states[component] = {portable_name(component, k): v for k, v in state.items()}
         target = states[component].get(name)
         if target is None:
             raise UserError(f"this edit changes '{key}', which this model does not have")
@@ -191,7 +193,7 @@ def edit_from_modules(
     for component, component_names in names.items():
         state = modules[component].state_dict()
         for name in component_names:
-            tensors[f"{component}.{name}"] = state[name].to("cpu", copy=True)
+            tensors[f"{component}.{portable_name(component, name)}"] = state[name].to("cpu", copy=True)
     return Edit(tensors, metadata)
 
 

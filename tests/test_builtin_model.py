@@ -43,3 +43,15 @@ def test_report_meets_the_bars(capsys):
     assert report["emblem_accuracy_mean"] >= 0.70
     assert report["sample_64_seconds"] < 60
     assert all(report["bars_met"].values())
+
+
+def test_packaged_text_encoder_is_named_as_stable_diffusion_checkpoints():
+    """"text_model.<name>": transformers 4 and 5 both read it (transformers 4 would start from a
+    random text encoder, with only a warning, if the names lacked the prefix)."""
+    import safetensors
+
+    from fasterase.models.loading import builtin_model_dir
+
+    path = builtin_model_dir() / "text_encoder" / "model.safetensors"
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert all(name.startswith("text_model.") for name in f.keys())

@@ -185,6 +185,23 @@ def test_fingerprint_does_not_depend_on_the_load_dtype():
         assert fingerprint(cast) == reference
 
 
+def test_edits_and_fingerprints_carry_across_transformers_versions():
+    """transformers 4 names the CLIP text encoder's tensors "text_model.<name>", transformers 5
+    "<name>": the same base model must keep its fingerprint, and an edit made under one version
+    must apply under the other."""
+    plain = tiny_pipe()
+    prefixed = types.SimpleNamespace(unet=plain.unet, text_encoder=nn.Module())
+    prefixed.text_encoder.text_model = plain.text_encoder  # state_dict names text_model.weight, ...
+    assert fingerprint(prefixed) == fingerprint(plain)
+    for value, (made_on, applied_on) in enumerate(((plain, prefixed), (prefixed, plain))):
+        names = list(made_on.text_encoder.state_dict())
+        edit = edit_from_modules({"text_encoder": made_on.text_encoder}, {"text_encoder": names}, metadata_for(plain))
+        assert edit.tensors.keys() == {"text_encoder.weight", "text_encoder.bias"}
+        edit.tensors["text_encoder.bias"] = torch.full((2,), float(value))
+        apply_edit(applied_on, edit, fingerprint(applied_on))
+        assert torch.equal(plain.text_encoder.bias, torch.full((2,), float(value)))  # the one module both name
+
+
 def test_fingerprint_changes_when_a_weight_changes_a_lot():
     pipe = tiny_pipe()
     reference = fingerprint(pipe)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import MethodConfig, option
 from ..errors import UserError
+from ..models.fingerprint import portable_name
 from ..models.text import encode_prompts
 from . import Progress
 from .trajectories import TrajectoryBank, predict_noise, sample_trajectories
@@ -101,8 +102,8 @@ def run_steps(step: Callable[[int], dict[str, torch.Tensor]], steps: int, log_ev
 
 
 def changed_tensors(component: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """An edit's tensors: the trained parameters, named "<component>.<parameter name>"."""
-    return {f"{component}.{name}": p.detach().cpu().clone() for name, p in params.items()}
+    """An edit's tensors: the trained parameters, named "<component>.<portable parameter name>"."""
+    return {f"{component}.{portable_name(component, name)}": p.detach().cpu().clone() for name, p in params.items()}
 
 
 @dataclass

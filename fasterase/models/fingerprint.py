@@ -8,6 +8,16 @@ import torch
 
 FINGERPRINTED_COMPONENTS = ("unet", "text_encoder")
 SAMPLES_PER_TENSOR = 256
+# Tensor-name prefixes that depend on the library version: transformers 4 names the CLIP text
+# encoder's tensors "text_model.encoder...", transformers 5 "encoder...".
+VERSIONED_PREFIXES = {"text_encoder": "text_model."}
+
+
+def portable_name(component: str, name: str) -> str:
+    """A component's tensor name as edits and fingerprints write it, the same under every library
+    version (without the versioned prefix), so an edit made under one applies under the other."""
+    prefix = VERSIONED_PREFIXES.get(component)
+    return name.removeprefix(prefix) if prefix else name
 
 
 def _strided_sample(tensor: torch.Tensor) -> torch.Tensor:
@@ -21,7 +31,7 @@ def fingerprint(pipe, components: tuple[str, ...] = FINGERPRINTED_COMPONENTS) ->
     """16 hex characters (the start of a sha256) identifying the weights of `pipe.unet` and `pipe.text_encoder`.
 
     Compute it on the base model, before any edit is applied. For every tensor of both state dicts,
-    in sorted key order, it hashes the key, the shape, and the signs of up to 256 elements taken at
+    in sorted key order, it hashes the key (its `portable_name`), the shape, and the signs of up to 256 elements taken at
     a fixed stride over the flattened tensor: one small gather per tensor and never a pass over the
     weights, so it costs milliseconds on a 1-billion-parameter model.
 
@@ -37,7 +47,7 @@ def fingerprint(pipe, components: tuple[str, ...] = FINGERPRINTED_COMPONENTS) ->
     """
     digest = hashlib.sha256()
     for component in components:
-        state = getattr(pipe, component).state_dict()
+        state = {portable_name(component, key): tensor for key, tensor in getattr(pipe, component).state_dict().items()}
         for key in sorted(state):
             tensor = state[key]
             sample = _strided_sample(tensor)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -278,6 +280,17 @@ def assemble_pipeline(unet, text_encoder, tokenizer, vae):
     )
 
 
+def prefix_text_encoder_weights(path: Path) -> None:
+    """Rewrite a CLIP text encoder's weights file with the names of Stable Diffusion checkpoints,
+    "text_model.<name>". transformers 5 reads both namings but writes "<name>", which transformers 4
+    does not recognise: it then starts from a random text encoder, with only a warning."""
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(str(path))
+    named = {name if name.startswith("text_model.") else f"text_model.{name}": t for name, t in tensors.items()}
+    safetensors.torch.save_file(named, str(path), metadata=metadata)
+
+
 def build(out: Path, cfg: BuildConfig = BuildConfig(), log: Callable[[str], None] = print) -> dict:
     """Trains everything and writes `out/pipeline` (a StableDiffusionPipeline folder),
     `out/classifier.safetensors` and `out/build.json` (config, timings, device)."""
@@ -316,6 +329,7 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log: Callable[[str], None
         # Stored in fp16 to fit the package; loading casts to the dtype asked for.
         pipe = assemble_pipeline(copy.deepcopy(unet).cpu(), copy.deepcopy(text_encoder).cpu(), tokenizer, copy.deepcopy(vae).cpu())
         pipe.to(torch.float16).save_pretrained(str(out / "pipeline"), safe_serialization=True)
+        prefix_text_encoder_weights(out / "pipeline" / "text_encoder" / "model.safetensors")
 
     t0 = time.time()
     unet, text_encoder = train_diffusion(data.scenes, latents, tokenizer, vae.to(device), classifier, cfg, log, device, save_pipeline)
