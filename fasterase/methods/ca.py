@@ -22,7 +22,6 @@ from ..errors import UserError
 from ..models.text import encode_prompts
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
-from .trajectories import predict_noise
 from .training import PredictionTargets, TrajectoryConfig, changed_tensors, match_predictions, sample_banks, trajectory_prompts
 
 TRAINABLE_SETS = ("cross_attention_kv", "cross_attention")
@@ -59,9 +58,7 @@ class CA(Method):
         anchor_prompts = trajectory_prompts(cfg.templates, [cfg.anchor] * len(cfg.concepts), cfg.trajectories)
         concept_prompts = trajectory_prompts(cfg.templates, cfg.concepts, cfg.trajectories)
         bank, keep = sample_banks(pipe, cfg, anchor_prompts)
-        # The frozen model's predictions for the anchor, once, before anything changes.
-        anchor_context = encode_prompts(pipe, anchor_prompts)
-        target = predict_noise(unet, bank.latents, bank.timesteps, anchor_context[bank.prompt_index])
+        # The target: the frozen model's predictions for the anchor, from sampling.
         params = select_parameters(unet, cfg.trainable)
-        match_predictions(unet, params, PredictionTargets(bank, encode_prompts(pipe, concept_prompts), target), keep, cfg, progress)
+        match_predictions(unet, params, PredictionTargets(bank, encode_prompts(pipe, concept_prompts), bank.eps_prompt), keep, cfg, progress)
         return ErasureResult(tensors=changed_tensors("unet", params))

@@ -21,7 +21,6 @@ from ..errors import UserError
 from ..models.text import encode_prompts
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
-from .trajectories import predict_noise
 from .training import (
     PredictionTargets, TrajectoryConfig, changed_tensors, guided_away, match_predictions, sample_banks, trajectory_prompts,
 )
@@ -63,10 +62,8 @@ class ESD(Method):
         prompts = trajectory_prompts(cfg.templates, cfg.concepts, cfg.trajectories)
         bank, keep = sample_banks(pipe, cfg, prompts)
         context = encode_prompts(pipe, prompts)
-        # The frozen model's predictions, once, before anything changes.
-        eps_concept = predict_noise(unet, bank.latents, bank.timesteps, context[bank.prompt_index])
-        eps_empty = predict_noise(unet, bank.latents, bank.timesteps, encode_prompts(pipe, [""]).expand(len(bank), -1, -1))
-        target = guided_away(eps_empty, eps_concept, cfg.negative_guidance)
+        # The frozen model's predictions, from sampling, before anything changed.
+        target = guided_away(bank.eps_empty, bank.eps_prompt, cfg.negative_guidance)
         params = select_parameters(unet, TRAINABLE_SETS[cfg.trainable])
         match_predictions(unet, params, PredictionTargets(bank, context, target), keep, cfg, progress)
         return ErasureResult(tensors=changed_tensors("unet", params))

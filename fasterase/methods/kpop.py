@@ -90,8 +90,9 @@ class KPOP(Method):
         bank_e, keep = sample_banks(pipe, cfg, concept_prompts)
         context = encode_prompts(pipe, concept_prompts)  # (T, 77, d)
         context_n = encode_prompts(pipe, neutral_prompts)
-        # The original model's predictions, once, before anything changes.
-        target_e = predict_noise(unet, bank_e.latents, bank_e.timesteps, context[bank_e.prompt_index])
+        # The original model's predictions, before anything changes (under the concept's prompts,
+        # from sampling).
+        target_e = bank_e.eps_prompt
         target_n = predict_noise(unet, bank_e.latents, bank_e.timesteps, context_n[bank_e.prompt_index])
         target_r = guided_away(target_n, target_e, cfg.negative_guidance)  # the removal target
 

@@ -11,6 +11,7 @@ and what the target is, so `match_predictions` is their training; KPOP uses the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -22,7 +23,7 @@ from ..errors import UserError
 from ..models.fingerprint import portable_name
 from ..models.text import encode_prompts
 from . import Progress
-from .trajectories import TrajectoryBank, predict_noise, sample_trajectories
+from .trajectories import TrajectoryBank, sample_trajectories
 
 
 @dataclass
@@ -130,10 +131,8 @@ def sample_banks(pipe, cfg: TrajectoryConfig, prompts: list[str]) -> tuple[Traje
         return bank, None
     erased = bank.prompt_index < len(prompts)
     kept = bank.take(~erased)
-    kept = TrajectoryBank(kept.latents, kept.timesteps, kept.prompt_index - len(prompts))
-    context = encode_prompts(pipe, preserve_prompts)
-    target = predict_noise(pipe.unet, kept.latents, kept.timesteps, context[kept.prompt_index])
-    return bank.take(erased), PredictionTargets(kept, context, target)
+    kept = dataclasses.replace(kept, prompt_index=kept.prompt_index - len(prompts))
+    return bank.take(erased), PredictionTargets(kept, encode_prompts(pipe, preserve_prompts), kept.eps_prompt)
 
 
 def match_predictions(

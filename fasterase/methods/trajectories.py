@@ -8,6 +8,7 @@ no host synchronisation, and any number of concepts, timesteps and samples per s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,18 +21,23 @@ class TrajectoryBank:
     latents: torch.Tensor  # (N, C, h, w): x_t
     timesteps: torch.Tensor  # (N,) long
     prompt_index: torch.Tensor  # (N,) long, into the prompt lists the bank was built from
+    # The frozen model's predictions at x_t, which sampling computed anyway (the two halves of
+    # classifier-free guidance): under the entry's own prompt, and under the empty prompt.
+    eps_prompt: torch.Tensor  # (N, C, h, w)
+    eps_empty: torch.Tensor  # (N, C, h, w)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def take(self, index: torch.Tensor) -> "TrajectoryBank":
         """The entries at `index` (a boolean mask or positions)."""
-        return TrajectoryBank(self.latents[index], self.timesteps[index], self.prompt_index[index])
+        return TrajectoryBank(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 @torch.no_grad()
 def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 64) -> TrajectoryBank:
-    """DDIM trajectories of the frozen model, one per prompt, with every x_t kept."""
+    """DDIM trajectories of the frozen model, one per prompt, with every x_t and the model's
+    predictions there kept."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -41,7 +47,7 @@ def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, s
     generator = torch.Generator().manual_seed(seed)
     cond = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [""])
-    latents, timesteps, index = [], [], []
+    latents, timesteps, index, eps_prompt, eps_empty = [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         c = cond[start : start + batch_size]
         n = c.shape[0]
@@ -52,8 +58,10 @@ def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, s
             timesteps.append(t.expand(n))
             index.append(torch.arange(start, start + n, device=pipe.device))
             eps_uncond, eps_cond = unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, context).sample.chunk(2)
+            eps_prompt.append(eps_cond)
+            eps_empty.append(eps_uncond)
             x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
-    return TrajectoryBank(torch.cat(latents), torch.cat(timesteps).long(), torch.cat(index))
+    return TrajectoryBank(torch.cat(latents), torch.cat(timesteps).long(), torch.cat(index), torch.cat(eps_prompt), torch.cat(eps_empty))
 
 
 @torch.no_grad()
