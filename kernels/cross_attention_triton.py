@@ -27,6 +27,9 @@ from .capture import AttentionStats, Capture
 
 _TEXT_TILE = 128  # the most text keys one tile holds
 _MAX_HEAD_DIM = 256
+# Compiled float32 tiles are twice the bytes: at head dim 160 the backward needs 272 KiB of shared
+# memory, over sm_90's 227 KiB (tests/kernels/triton_aot.py; 128 needs 224 KiB).
+_MAX_FP32_HEAD_DIM = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # TRITON_INTERPRET=1 when triton decorates the kernels below runs them on CPU tensors (tests).
@@ -304,8 +307,11 @@ def _text_tile(text: int) -> int:
 
 def _kernel_options(q: torch.Tensor, backward: bool) -> dict:
     return {
-        # fp32 inputs multiply in fp32 (not TF32), so fp32 results match the reference closely.
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32 inputs multiply as torch's own fp32 products do: in fp32 under its default
+        # float32_matmul_precision "highest" (results match the reference closely), in TF32 once
+        # "high" or "medium" allows it. (ieee dots compile to far slower code: sm_90 reports ~10 KB
+        # of spills a thread in every fp32 variant, against ~0.5 KB with tf32.)
+        "PRECISION": "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32",
         "UPCAST": INTERPRETED and q.dtype == torch.bfloat16,
         # Register spills in ptxas's sm_90 report (fp16, 64 queries, capture): 4 warps spill in
         # every backward (56 to 970 bytes a thread) and in the forward at head dim 160 (1.5 KB);
@@ -528,6 +534,11 @@ def unsupported_reasons(q, k, v, prompt_k=None, prompt_v=None, scale=None, captu
         reasons.append(f"triton cross_attention takes a float32, float16 or bfloat16 prompt, not {prompt_k.dtype}")
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"triton cross_attention takes head dims up to {_MAX_HEAD_DIM}, not {q.shape[-1]}")
+    elif q.dtype == torch.float32 and q.shape[-1] > _MAX_FP32_HEAD_DIM and not INTERPRETED:
+        reasons.append(
+            f"triton cross_attention takes float32 up to head dim {_MAX_FP32_HEAD_DIM}, not {q.shape[-1]}"
+            " (larger tiles overflow the GPU's shared memory); float16 and bfloat16 go to 256"
+        )
     if not 0 < k.shape[2] <= _TEXT_TILE:
         reasons.append(f"triton cross_attention holds 1 to {_TEXT_TILE} text keys in one tile, not {k.shape[2]}")
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
