@@ -17,8 +17,10 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("triton_aot.py")
 # Shared memory a program may use on sm_90 (227 KiB, opted in; the launch fails above it).
 SM90_SHARED_BYTES = 232_448
-# The kernel at the largest SD1.x layer, and the largest tiles the dispatcher sends to Triton.
-VARIANTS = ["fwd:fp16:40", "bwd:fp16:40", "bwd:fp32:128", "bwd:fp16:256"]
+# The kernel at the largest SD1.x layer, and the largest fp16 tiles the dispatcher sends to
+# Triton (about 30 s together). The float32 limit (head dim 128: 224 KiB) is left to the CUDA-only
+# tests that launch it: its ieee backward alone takes 72 s to compile here.
+VARIANTS = ["fwd:fp16:40", "bwd:fp16:40", "bwd:fp16:256"]
 
 
 def test_kernels_compile_for_sm90_within_its_shared_memory():
