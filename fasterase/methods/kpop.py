@@ -66,8 +66,7 @@ class KPOPConfig(TrajectoryConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.prompt_mode not in ("concat", "additive"):
-            raise UserError(f"prompt_mode must be concat or additive, not {self.prompt_mode!r}")
+        check_choice("prompt_mode", self.prompt_mode, ("concat", "additive"))
         check_choice("inject", self.inject, INJECTION_SITES)
         check_choice("trainable", self.trainable, TRAINABLE_SETS)
         if self.negative_guidance < 0:
