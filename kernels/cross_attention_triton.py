@@ -66,6 +66,17 @@ def _add_rows(ptr, rows, row_mask, col0, WIDTH: tl.constexpr, D: tl.constexpr, v
 
 
 @triton.jit
+def _row_weights(ROWS, b, Mq, offs_m, m_mask, HAS_ROWS: tl.constexpr):
+    """(BLOCK_M,) fp32: how much each query row counts in the statistics (the capture's row
+    weights, or 1 on every real row), 0 past Mq."""
+    if HAS_ROWS:
+        weights = tl.load(ROWS + b * Mq + offs_m, mask=m_mask, other=0.0)
+    else:
+        weights = m_mask.to(tl.float32)
+    return weights
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation. UPCAST: bf16 operands go in as fp32 (exact), because the
     interpreter multiplies bf16 tiles as their raw 16-bit integers."""
@@ -154,11 +165,7 @@ def _cross_attention_fwd_kernel(
     if CAPTURE:
         # P over all keys (text and prompt), on the text columns: (BLOCK_M, BLOCK_T).
         probs = p_text * (tl.exp2(m_text - m_i) * inv_l)[:, None]
-        if HAS_ROWS:
-            weights = tl.load(ROWS + b * Mq + offs_m, mask=m_mask, other=0.0)
-        else:
-            weights = m_mask.to(tl.float32)
-        weighted = probs * weights[:, None]
+        weighted = probs * _row_weights(ROWS, b, Mq, offs_m, m_mask, HAS_ROWS)[:, None]
         tiles = tl.num_programs(0)
         partial = PARTIAL + (pid_bh * tiles + pid_m) * Mk + offs_t
         tl.store(partial, tl.sum(weighted, 0), mask=t_mask)
@@ -230,10 +237,7 @@ def _cross_attention_bwd_kernel(
         # The statistics' share of dL/dP (text columns only) and of delta = sum_j P_ij dP_ij.
         extra = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
         if HAS_G_STATS:
-            if HAS_ROWS:
-                weights = tl.load(ROWS + b * Mq + offs_m, mask=m_mask, other=0.0)
-            else:
-                weights = m_mask.to(tl.float32)
+            weights = _row_weights(ROWS, b, Mq, offs_m, m_mask, HAS_ROWS)
             g_mass = tl.load(G_MASS + pid_bh * Mk + offs_t, mask=t_mask, other=0.0)
             g_sq = tl.load(G_SQ + pid_bh * Mk + offs_t, mask=t_mask, other=0.0)
             extra += weights[:, None] * (g_mass[None, :] + 2.0 * p * g_sq[None, :])
