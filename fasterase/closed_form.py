@@ -35,6 +35,7 @@ import torch
 from .edits import encode_metadata, load_tagged, save_atomically
 from .errors import UserError
 from .kernels import ridge_solve
+from .models.family import context_width, family_of
 from .models.fingerprint import fingerprint
 from .models.text import encode_prompts
 
@@ -147,8 +148,8 @@ def prompt_gram(
     Streams: prompts may be any iterable (the lines of a caption file), read and encoded batch_size
     at a time, so that only one batch's embeddings are ever held; progress(n) after each batch of n.
     """
-    dim = pipe.text_encoder.config.hidden_size
-    total = torch.zeros(dim, dim, dtype=torch.float64, device=pipe.text_encoder.device)
+    dim = context_width(pipe)
+    total = torch.zeros(dim, dim, dtype=torch.float64, device=pipe.device)
     for batch in _batches(prompts, batch_size):
         total += gram(encode_prompts(pipe, batch, batch_size))
         if progress is not None:
@@ -157,8 +158,8 @@ def prompt_gram(
 
 
 def text_encoder_fingerprint(pipe) -> str:
-    """What a Gram of text embeddings depends on: the text encoder alone, not the UNet."""
-    return fingerprint(pipe, components=("text_encoder",))
+    """What a Gram of text embeddings depends on: the text encoders alone, not the UNet."""
+    return fingerprint(pipe, components=family_of(pipe).text_encoders)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import MethodConfig, option
 from .errors import UserError
 from .evaluation.sampling import SamplingConfig, generate
+from .models.family import image_size
 
 
 @dataclass
@@ -32,9 +33,17 @@ class ImageMethodConfig(MethodConfig):
 
     images: str = option("", "a folder of the concepts' images (one subfolder per concept when there are several); '' draws them with the base model")
     masks: str = option("", "a folder of masks named like the images (white: the concept); needs images")
+    sample_steps: int = option(25, "DDIM steps of the images the base model draws")
+    guidance: float = option(5.0, "classifier-free guidance of the images the base model draws")
+
+    def sampling(self) -> SamplingConfig:
+        """How the base model draws the concepts' images when no folder is given."""
+        return SamplingConfig(steps=self.sample_steps, guidance=self.guidance, batch_size=self.sample_batch, seed=self.seed)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.sample_steps < 1:
+            raise UserError(f"sample_steps must be at least 1, not {self.sample_steps}")
         if self.masks and not self.images:
             raise UserError("masks need the images they belong to: give images as well")
         for name in ("images", "masks"):
@@ -91,11 +100,6 @@ class TrainingItems:
 def uniform_timesteps(num_train_timesteps: int) -> Callable[[tuple[int, int], torch.Generator], torch.Tensor]:
     """Timesteps drawn uniformly from 0 .. num_train_timesteps - 1, for `ConceptImages.draw_items`."""
     return lambda shape, generator: torch.randint(num_train_timesteps, shape, generator=generator)
-
-
-def image_size(pipe) -> int:
-    """The side of the square images the pipeline draws: VAE scale x UNet sample size."""
-    return pipe.vae_scale_factor * pipe.unet.config.sample_size
 
 
 def concept_images(

@@ -39,6 +39,7 @@ class MethodConfig:
     seed: int = option(0, "random seed of sampling and training")
     backend: str = option("auto", "kernel backend: auto, torch, triton or cuda (ops not written in it run torch)")
     dtype: str = option("float32", "compute dtype on a GPU: float32, float16 or bfloat16")
+    sample_batch: int = option(0, "prompts sampled at a time when drawing images or trajectories; 0: by image size (64 at 256 px, 16 at 512 px, 4 at 1024 px)")
     templates: list[str] = option(
         ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
         "prompts of a concept; {} stands for the concept (and for an anchor, guide, mapping or neutral one)",
@@ -53,6 +54,8 @@ class MethodConfig:
                 raise UserError(f"{name} must not contain an empty concept")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, not {self.steps}")
+        if self.sample_batch < 0:
+            raise UserError(f"sample_batch must be at least 0, not {self.sample_batch}")
         check_choice("backend", self.backend, ("auto", *BACKEND_NAMES))
         check_choice("dtype", self.dtype, DTYPE_NAMES)
         if not self.templates or any("{}" not in t for t in self.templates):

@@ -35,6 +35,33 @@ def tiny_pipeline_dir(tmp_path_factory):
     return folder
 
 
+# Tiny pipelines of every family, random weights: SD1.x, SD2.x with v-prediction, SDXL base.
+FAMILY_PIPELINES = {"sd1": ("sd1", "epsilon"), "sd2v": ("sd2", "v_prediction"), "sdxl": ("sdxl", "epsilon")}
+
+
+@pytest.fixture(scope="session")
+def family_pipeline_dirs(tmp_path_factory):
+    """name -> a tiny random pipeline folder of that family (see FAMILY_PIPELINES), built on first use."""
+    pytest.importorskip("diffusers")
+    from fasterase.models.random_init import save_random_pipeline
+
+    built = {}
+
+    def folder(name: str):
+        if name not in built:
+            family, prediction = FAMILY_PIPELINES[name]
+            built[name] = save_random_pipeline(tmp_path_factory.mktemp(name), family, prediction_type=prediction)
+        return built[name]
+
+    return folder
+
+
+@pytest.fixture(params=list(FAMILY_PIPELINES))
+def family_pipeline_dir(request, family_pipeline_dirs):
+    """Each family's tiny pipeline folder in turn."""
+    return family_pipeline_dirs(request.param)
+
+
 @pytest.fixture
 def assert_erased():
     """The bar every method meets on the built-in world (issue: ESR-1 >= 80%, PSR-1 >= 80% of the

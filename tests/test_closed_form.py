@@ -4,6 +4,7 @@ preservation Gram cache."""
 
 from __future__ import annotations
 
+import copy
 import os
 import types
 
@@ -289,8 +290,11 @@ def test_gram_cache_round_trip_and_refusal(tiny_pipeline_dir, tmp_path):
     assert (loaded.prompts, loaded.tokens, loaded.text_encoder, loaded.model) == (3, cache.tokens, cache.text_encoder, "tiny")
     # the same text encoder with another UNet is fine; another text encoder is refused
     assert load_gram(path, types.SimpleNamespace(unet=nn.Linear(2, 2), text_encoder=pipe.text_encoder)).prompts == 3
+    other = copy.deepcopy(pipe.text_encoder)
+    with torch.no_grad():
+        next(other.parameters()).neg_()
     with pytest.raises(UserError, match="text encoder of 'tiny'"):
-        load_gram(path, types.SimpleNamespace(unet=pipe.unet, text_encoder=nn.Linear(2, 2)))
+        load_gram(path, types.SimpleNamespace(unet=pipe.unet, text_encoder=other))
     save_gram(path, PreservationGram(torch.eye(2, dtype=F64), 1, 77, "other", "tiny"))
     with pytest.raises(UserError, match="text encoder"):
         load_gram(path, pipe)

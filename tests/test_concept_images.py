@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fasterase.concept_images import ConceptImages, ImageMethodConfig, concept_images, encode_images, image_size
+from fasterase.concept_images import ConceptImages, ImageMethodConfig, concept_images, encode_images
+from fasterase.models.family import image_size
 from fasterase.config import make_config
 from fasterase.errors import UserError
 from fasterase.evaluation.sampling import SamplingConfig

@@ -22,9 +22,15 @@ from fasterase.errors import UserError
 from fasterase.models.fingerprint import fingerprint
 
 
+def sd_pipe(unet: nn.Module, text_encoder: nn.Module) -> types.SimpleNamespace:
+    """Stand-ins for an SD1.x pipeline's UNet and text encoder (with the config the family is told by)."""
+    text_encoder.config = types.SimpleNamespace(hidden_act="quick_gelu")
+    return types.SimpleNamespace(unet=unet, text_encoder=text_encoder)
+
+
 def tiny_pipe():
     torch.manual_seed(0)
-    return types.SimpleNamespace(unet=nn.Linear(3, 2), text_encoder=nn.Linear(2, 2))
+    return sd_pipe(nn.Linear(3, 2), nn.Linear(2, 2))
 
 
 def metadata_for(pipe) -> EditMetadata:
@@ -173,13 +179,11 @@ def test_edit_from_modules_copies_named_tensors_to_cpu():
 def test_fingerprint_does_not_depend_on_the_load_dtype():
     torch.manual_seed(0)
     # large enough that casting values (not signs) would differ between float16 and bfloat16
-    pipe = types.SimpleNamespace(unet=nn.Linear(64, 64), text_encoder=nn.Linear(32, 16))
+    pipe = sd_pipe(nn.Linear(64, 64), nn.Linear(32, 16))
     reference = fingerprint(pipe)
     assert len(reference) == 16 and int(reference, 16) >= 0
     for dtype in (torch.float16, torch.bfloat16):
-        cast = types.SimpleNamespace(
-            unet=nn.Linear(64, 64).to(dtype), text_encoder=nn.Linear(32, 16).to(dtype)
-        )
+        cast = sd_pipe(nn.Linear(64, 64).to(dtype), nn.Linear(32, 16).to(dtype))
         cast.unet.load_state_dict(pipe.unet.state_dict())
         cast.text_encoder.load_state_dict(pipe.text_encoder.state_dict())
         assert fingerprint(cast) == reference
@@ -190,7 +194,7 @@ def test_edits_and_fingerprints_carry_across_transformers_versions():
     "<name>": the same base model must keep its fingerprint, and an edit made under one version
     must apply under the other."""
     plain = tiny_pipe()
-    prefixed = types.SimpleNamespace(unet=plain.unet, text_encoder=nn.Module())
+    prefixed = sd_pipe(plain.unet, nn.Module())
     prefixed.text_encoder.text_model = plain.text_encoder  # state_dict names text_model.weight, ...
     assert fingerprint(prefixed) == fingerprint(plain)
     for value, (made_on, applied_on) in enumerate(((plain, prefixed), (prefixed, plain))):

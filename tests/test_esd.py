@@ -88,15 +88,15 @@ def test_the_trajectory_bank_keeps_the_predictions_sampling_made(tiny_pipeline_d
     frozen model predicts at each x_t, under the entry's prompt and under the empty prompt."""
     from fasterase.methods.trajectories import predict_noise, sample_trajectories
     from fasterase.models.loading import load_pipeline
-    from fasterase.models.text import encode_prompts
+    from fasterase.models.family import encode
 
     pipe = load_pipeline(tiny_pipeline_dir)
     prompts = ["a circle", "a photo of a ring", "a square"]
     bank = sample_trajectories(pipe, prompts, steps=3, guidance=3.0, seed=0, batch_size=2)
     assert len(bank) == 9 and bank.prompt_index.tolist() == [0, 1] * 3 + [2] * 3
-    context = encode_prompts(pipe, prompts)
-    empty = encode_prompts(pipe, [""]).expand(len(bank), -1, -1)
+    context = encode(pipe, prompts)
+    empty = encode(pipe, [""]).expand(len(bank))
     for stored, text in ((bank.eps_prompt, context[bank.prompt_index]), (bank.eps_empty, empty)):
-        torch.testing.assert_close(stored, predict_noise(pipe.unet, bank.latents, bank.timesteps, text), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stored, predict_noise(pipe.unet, bank.latents, bank.timesteps, text, 128), rtol=1e-4, atol=1e-5)
     half = bank.take(bank.prompt_index == 2)
     assert torch.equal(half.eps_prompt, bank.eps_prompt[6:]) and torch.equal(half.latents, bank.latents[6:])

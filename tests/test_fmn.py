@@ -42,8 +42,8 @@ def test_inversion_learns_vectors_that_reduce_the_denoising_loss(tiny_pipeline_d
 
     pipe = load_pipeline(tiny_pipeline_dir)
     inverted = InvertedTokens(pipe, ["circle"], 2)
-    states = inverted.encode(pipe.text_encoder, ["a photo of a " + inverted.words["circle"]])
-    (grad,) = torch.autograd.grad(states.square().sum(), [inverted.vectors])
+    states = inverted.encode(pipe, ["a photo of a " + inverted.words["circle"]]).states
+    (grad,) = torch.autograd.grad(states.square().sum(), list(inverted.vectors))
     assert grad.shape == (2, pipe.text_encoder.config.hidden_size) and grad.abs().sum() > 0
 
 

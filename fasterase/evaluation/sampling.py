@@ -12,21 +12,36 @@ import torch
 class SamplingConfig:
     steps: int = 25
     guidance: float = 5.0
-    batch_size: int = 64
+    batch_size: int = 0  # prompts drawn at a time; 0: `chunk_size`'s default for the model
     seed: int = 0
+
+
+# Latent pixels drawn at a time by default: 64 images on the built-in world (8x8 latents) and at
+# 256 px, 16 at 512 px, 4 at SDXL's 1024 px, so that the UNet's and the VAE's activations stay
+# bounded whatever the number of prompts.
+LATENT_PIXELS_PER_CHUNK = 2**16
+MAX_CHUNK = 64
+
+
+def chunk_size(pipe, requested: int = 0) -> int:
+    """How many prompts to sample at a time: `requested`, or by default as many as keep a chunk
+    within LATENT_PIXELS_PER_CHUNK."""
+    return requested or max(1, min(MAX_CHUNK, LATENT_PIXELS_PER_CHUNK // pipe.unet.config.sample_size**2))
 
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), progress=None) -> np.ndarray:
     """Images (N, H, W, 3) float32 in [0, 1], one per prompt.
 
-    Chunk i draws its noise from seed + i, so a prompt list gives the same images whatever else
-    runs, and an edited model is compared with its base on the same noise.
+    Chunk i (of `chunk_size(pipe, cfg.batch_size)` prompts) draws its noise from seed + i, so a
+    prompt list gives the same images whatever else runs, and an edited model is compared with its
+    base on the same noise.
     """
     pipe.set_progress_bar_config(disable=True)
     images = []
-    for i, start in enumerate(range(0, len(prompts), cfg.batch_size)):
-        chunk = prompts[start : start + cfg.batch_size]
+    size = chunk_size(pipe, cfg.batch_size)
+    for i, start in enumerate(range(0, len(prompts), size)):
+        chunk = prompts[start : start + size]
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
         latents = torch.randn(
             (len(chunk), pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size),

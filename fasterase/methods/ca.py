@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..config import check_choice, option
 from ..errors import UserError
-from ..models.text import encode_prompts
+from ..models.family import encode
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 from .training import PredictionTargets, TrajectoryConfig, changed_tensors, match_predictions, sample_banks, trajectory_prompts
@@ -60,5 +60,5 @@ class CA(Method):
         bank, keep = sample_banks(pipe, cfg, anchor_prompts)
         # The target: the frozen model's predictions for the anchor, from sampling.
         params = select_parameters(unet, cfg.trainable)
-        match_predictions(unet, params, PredictionTargets(bank, encode_prompts(pipe, concept_prompts), bank.eps_prompt), keep, cfg, progress)
+        match_predictions(unet, params, PredictionTargets(bank, encode(pipe, concept_prompts), bank.eps_prompt), keep, cfg, progress)
         return ErasureResult(tensors=changed_tensors("unet", params))

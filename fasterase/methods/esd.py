@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..config import check_choice, option
 from ..errors import UserError
-from ..models.text import encode_prompts
+from ..models.family import encode
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 from .training import (
@@ -61,7 +61,7 @@ class ESD(Method):
         unet = pipe.unet
         prompts = trajectory_prompts(cfg.templates, cfg.concepts, cfg.trajectories)
         bank, keep = sample_banks(pipe, cfg, prompts)
-        context = encode_prompts(pipe, prompts)
+        context = encode(pipe, prompts)
         # The frozen model's predictions, from sampling, before anything changed.
         target = guided_away(bank.eps_empty, bank.eps_prompt, cfg.negative_guidance)
         params = select_parameters(unet, TRAINABLE_SETS[cfg.trainable])

@@ -1,6 +1,7 @@
 """Few-shot unlearning of the text encoder (Fuchi & Takagi, 2024).
 
-Only the text encoder changes (by default its MLPs and its last attention layer): gradient ASCENT
+Only the text encoders change (every one the model has unless `text_encoders` names some: both on
+SDXL; by default their MLPs and their last attention layer): gradient ASCENT
 on the denoising loss of a few images of the concept under the concept's prompts,
 max ||eps(x_t, t, E(prompt)) - noise||^2, with the UNet and the VAE frozen. The concept's prompts
 stop leading to its images; what they lead to instead is left to the model (a related concept),
@@ -26,10 +27,9 @@ from torch import nn
 from ..concept_images import ImageMethodConfig, concept_images, uniform_timesteps
 from ..config import check_choice, option
 from ..errors import UserError
-from ..evaluation.sampling import SamplingConfig
-from ..models.text import encode_prompts, token_ids
+from ..models.family import TEXT_ENCODERS, denoise, encode, encode_ids, family_of, noise_scheduler, prompt_ids, training_target
 from . import ErasureResult, Method, Progress, register
-from .training import autocast, changed_tensors, run_steps, trainable
+from .training import Optimization, autocast, changed_tensors, run_steps, trainable
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -64,8 +64,7 @@ class FewShotConfig(ImageMethodConfig):
     trainable: str = option("mlp_last_attention", f"text-encoder parameters to update: {', '.join(TEXT_ENCODER_SETS)}")
     image_count: int = option(4, "images per concept the base model draws when no folder is given")
     batch_size: int = option(4, "images of every concept per step, each with its own prompt, noise and timestep")
-    sample_steps: int = option(25, "DDIM steps of the drawn images")
-    guidance: float = option(5.0, "classifier-free guidance of the drawn images")
+    text_encoders: list[str] = option([], f"text encoders to update, of {', '.join(TEXT_ENCODERS)}; [] for every one the model has (both on SDXL)")
     preserve_weight: float = option(1.0, "weight of keeping the preserved concepts' text-encoder states (if any)")
     log_every: int = option(5, "steps between progress reports (each reads the loss off the device)")
 
@@ -74,7 +73,9 @@ class FewShotConfig(ImageMethodConfig):
         check_choice("trainable", self.trainable, TEXT_ENCODER_SETS)
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
-        for name in ("image_count", "batch_size", "sample_steps", "log_every"):
+        for name in self.text_encoders:
+            check_choice("text_encoders", name, TEXT_ENCODERS)
+        for name in ("image_count", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1")
 
@@ -85,21 +86,19 @@ class FewShot(Method):
     config_class = FewShotConfig
 
     def erase(self, pipe, cfg: FewShotConfig, progress: Progress | None = None) -> ErasureResult:
-        from diffusers import DDPMScheduler
-
-        unet, text_encoder, device = pipe.unet, pipe.text_encoder, pipe.device
-        sampling = SamplingConfig(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed)
-        shots = concept_images(pipe, cfg.concepts, cfg.images, cfg.masks, count=cfg.image_count, templates=cfg.templates, sampling=sampling)
+        unet = pipe.unet
+        encoders = self._encoders(pipe, cfg)
+        shots = concept_images(pipe, cfg.concepts, cfg.images, cfg.masks, count=cfg.image_count, templates=cfg.templates, sampling=cfg.sampling())
         templates = len(cfg.templates)
-        ids = token_ids(pipe, [t.format(concept) for concept in cfg.concepts for t in cfg.templates])  # (C * templates, 77)
-        # The preserved prompts, every one in every step: the text encoder alone is cheap.
+        ids = prompt_ids(pipe, [t.format(concept) for concept in cfg.concepts for t in cfg.templates])  # per encoder (C * templates, 77)
+        # The preserved prompts, every one in every step: the text encoders alone are cheap.
         keep_prompts = [t.format(concept) for concept in cfg.preserve for t in cfg.templates]
-        keep_ids = token_ids(pipe, keep_prompts) if keep_prompts else ids[:0]
-        keep_target = encode_prompts(pipe, keep_prompts) if keep_prompts else None
+        keep_ids = prompt_ids(pipe, keep_prompts) if keep_prompts else [i[:0] for i in ids]
+        keep_target = encode(pipe, keep_prompts) if keep_prompts else None
 
         # Everything a step reads, drawn up front: per step, batch_size items of every concept,
         # each an image of that concept with a template, a timestep and noise of its own.
-        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        scheduler = noise_scheduler(pipe)
         generator = torch.Generator().manual_seed(cfg.seed)
         items = shots.draw_items(len(cfg.concepts), templates, cfg.steps, cfg.batch_size, uniform_timesteps(scheduler.config.num_train_timesteps), generator)
         picks, prompt_index, timesteps, noise = items.image, items.prompt, items.timestep, items.noise
@@ -107,36 +106,46 @@ class FewShot(Method):
         latents = shots.latents[picks]  # (steps, C * B, c, h, w)
         flat = lambda x: x.flatten(0, 1)  # noqa: E731
         noisy = scheduler.add_noise(flat(latents), flat(noise), flat(timesteps)).view_as(latents)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(flat(latents), flat(noise), flat(timesteps)).view_as(latents)
-        else:
-            target = noise
+        target = training_target(scheduler, flat(latents), flat(noise), flat(timesteps)).view_as(latents)
         weight = self._pixel_weights(shots.masks, picks, latents.shape[-2:])
 
-        params = select_text_encoder_parameters(text_encoder, cfg.trainable)
+        params = {
+            (name, parameter_name): p
+            for name in encoders for parameter_name, p in select_text_encoder_parameters(getattr(pipe, name), cfg.trainable).items()
+        }
         # betas and eps of the reference implementation (those of diffusers' textual inversion)
-        optimizer = torch.optim.Adam(params.values(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        mixed_precision = autocast(device, cfg.dtype)
+        optimization = Optimization(params.values(), pipe.device, cfg.dtype, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        mixed_precision = autocast(pipe.device, cfg.dtype)
 
         def step(i: int) -> dict[str, torch.Tensor]:
             with mixed_precision:
-                states = text_encoder(torch.cat([ids[prompt_index[i]], keep_ids]))[0]
-                pred = unet(noisy[i], timesteps[i], states[:batch]).sample.float()
+                context = encode_ids(pipe, [torch.cat([own[prompt_index[i]], keep]) for own, keep in zip(ids, keep_ids)])
+                pred = denoise(unet, noisy[i], timesteps[i], context[:batch]).float()
             error = (pred - target[i].float()).pow(2).mean(dim=1, keepdim=True)  # (C * B, 1, h, w)
             losses = {"denoising": (error * weight[i]).sum() / weight[i].sum().clamp_min(1e-6)}
             # ascent on the denoising loss: descend on its negation
             objective = -losses["denoising"]
             if keep_target is not None:
-                losses["preserve"] = nn.functional.mse_loss(states[batch:].float(), keep_target.float())
+                kept = context[batch:].tensors()
+                losses["preserve"] = sum(nn.functional.mse_loss(a.float(), b.float()) for a, b in zip(kept, keep_target.tensors()))
                 objective = objective + cfg.preserve_weight * losses["preserve"]
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
+            optimization.step(objective)
             return {name: value.detach() for name, value in losses.items()}
 
         with trainable(params):
             run_steps(step, cfg.steps, cfg.log_every, progress)
-        return ErasureResult(tensors=changed_tensors("text_encoder", params))
+        tensors = {}
+        for name in encoders:
+            tensors |= changed_tensors(name, {n: p for (encoder, n), p in params.items() if encoder == name})
+        return ErasureResult(tensors=tensors)
+
+    @staticmethod
+    def _encoders(pipe, cfg: FewShotConfig) -> tuple[str, ...]:
+        """The text encoders to update: those named, or every one the model has."""
+        present = family_of(pipe).text_encoders
+        if unknown := [name for name in cfg.text_encoders if name not in present]:
+            raise UserError(f"this model has no {', '.join(unknown)}; its text encoders: {', '.join(present)}")
+        return tuple(cfg.text_encoders) or present
 
     @staticmethod
     def _pixel_weights(masks: torch.Tensor | None, picks: torch.Tensor, grid: torch.Size) -> torch.Tensor:

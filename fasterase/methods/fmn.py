@@ -28,11 +28,11 @@ from ..attention import AttentionCapture, capture_processors
 from ..concept_images import ConceptImages, ImageMethodConfig, concept_images, uniform_timesteps
 from ..config import check_choice, option
 from ..errors import UserError
-from ..evaluation.sampling import SamplingConfig
-from ..models.text import encode_prompts, padded_ids, token_columns
+from ..models.family import Conditioning, denoise, encode, encode_ids, family_of, noise_scheduler, prompt_ids, training_target
+from ..models.text import token_columns
 from . import ErasureResult, Method, Progress, register
 from .parameters import PARAMETER_SETS, select_parameters
-from .training import autocast, changed_tensors, run_steps, trainable
+from .training import Optimization, autocast, changed_tensors, run_steps, trainable
 
 
 @dataclass
@@ -61,40 +61,50 @@ class FMNConfig(ImageMethodConfig):
 
 
 class InvertedTokens(nn.Module):
-    """Textual inversion's new words: placeholder tokens added to a copy of the tokenizer, whose
-    vectors are learnt while the text encoder stays as it is (its embedding table is not resized;
-    a hook puts the vectors in place of the placeholders' embeddings)."""
+    """Textual inversion's new words: placeholder tokens added to copies of the pipeline's
+    tokenizers, with one vector per placeholder and text encoder, learnt while the encoders stay as
+    they are (their embedding tables are not resized; hooks put the vectors in place of the
+    placeholders' embeddings)."""
 
     def __init__(self, pipe, concepts: list[str], count: int):
         super().__init__()
-        self.tokenizer = copy.deepcopy(pipe.tokenizer)
-        embedding = pipe.text_encoder.get_input_embeddings()
-        self.first_id = embedding.num_embeddings
+        family = family_of(pipe)
+        self.encoders = family.text_encoders
         self.words = {c: " ".join(f"<{c.replace(' ', '_')}-{i}>" for i in range(count)) for c in concepts}
-        added = self.tokenizer.add_tokens(" ".join(self.words.values()).split())
-        if added != count * len(concepts) or len(self.tokenizer) != self.first_id + added:
-            raise UserError("the tokenizer's vocabulary does not match the text encoder's embeddings; textual inversion needs them equal")
-        # Start from the concepts' own token vectors, as textual inversion usually does.
-        init = []
-        for concept in concepts:
-            ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
-            init += [embedding.weight[ids[i % len(ids)]].detach().clone() for i in range(count)]
-        self.vectors = nn.Parameter(torch.stack(init))
+        self.tokenizers, self.first_ids, vectors = [], [], []
+        for tokenizer_name, encoder_name in zip(family.tokenizers, family.text_encoders):
+            tokenizer = copy.deepcopy(getattr(pipe, tokenizer_name))
+            embedding = getattr(pipe, encoder_name).get_input_embeddings()
+            added = tokenizer.add_tokens(" ".join(self.words.values()).split())
+            if added != count * len(concepts) or len(tokenizer) != embedding.num_embeddings + added:
+                raise UserError("the tokenizer's vocabulary does not match the text encoder's embeddings; textual inversion needs them equal")
+            # Start from the concepts' own token vectors, as textual inversion usually does.
+            init = []
+            for concept in concepts:
+                ids = tokenizer(concept, add_special_tokens=False).input_ids
+                init += [embedding.weight[ids[i % len(ids)]].detach().float().clone() for i in range(count)]
+            self.tokenizers.append(tokenizer)
+            self.first_ids.append(embedding.num_embeddings)
+            vectors.append(nn.Parameter(torch.stack(init)))
+        self.vectors = nn.ParameterList(vectors)
 
-    def encode(self, text_encoder, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder states (N, 77, d) of prompts that may contain the new words."""
-        ids = padded_ids(self.tokenizer, prompts).to(text_encoder.device)
-        placeholder = ids >= self.first_id
-        learnt = self.vectors[(ids - self.first_id).clamp(min=0)]
+    def encode(self, pipe, prompts: list[str]) -> Conditioning:
+        """The conditioning of prompts that may contain the new words."""
+        hooks, ids = [], []
+        for encoder_name, encoder_ids, first_id, vectors in zip(self.encoders, prompt_ids(pipe, prompts, self.tokenizers), self.first_ids, self.vectors):
+            placeholder = encoder_ids >= first_id
+            learnt = vectors[(encoder_ids - first_id).clamp(min=0)]
 
-        def substitute(module, args, out):
-            return torch.where(placeholder[..., None], learnt.to(out.dtype), out)
+            def substitute(module, args, out, placeholder=placeholder, learnt=learnt):
+                return torch.where(placeholder[..., None], learnt.to(out.dtype), out)
 
-        hook = text_encoder.get_input_embeddings().register_forward_hook(substitute)
+            hooks.append(getattr(pipe, encoder_name).get_input_embeddings().register_forward_hook(substitute))
+            ids.append(torch.where(placeholder, 0, encoder_ids))
         try:
-            return text_encoder(torch.where(placeholder, 0, ids))[0]
+            return encode_ids(pipe, ids)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
 
 @register
@@ -106,7 +116,7 @@ class ForgetMeNot(Method):
         unet, device = pipe.unet, pipe.device
         images = concept_images(
             pipe, cfg.concepts, cfg.images, cfg.masks, count=cfg.image_count, templates=cfg.templates,
-            sampling=SamplingConfig(seed=cfg.seed),
+            sampling=cfg.sampling(),
         )
         # Every (concept, template) prompt, concept-major; the names the loss targets in them.
         names = list(cfg.concepts)
@@ -116,29 +126,29 @@ class ForgetMeNot(Method):
             names = [inverted.words[c] for c in cfg.concepts]
         prompts = [t.format(name) for name in names for t in cfg.templates]
         with torch.no_grad():
-            context = inverted.encode(pipe.text_encoder, prompts) if cfg.inversion_steps else encode_prompts(pipe, prompts)
-        tokenizer = inverted.tokenizer if cfg.inversion_steps else pipe.tokenizer
+            context = inverted.encode(pipe, prompts) if cfg.inversion_steps else encode(pipe, prompts)
+        # Token positions are the same for every text encoder (they share one vocabulary): the first tokenizer's.
+        tokenizer = inverted.tokenizers[0] if cfg.inversion_steps else pipe.tokenizer
         columns = token_columns(tokenizer, prompts, [n for n in names for _ in cfg.templates], cfg.include_end).to(device)
 
-        timesteps = uniform_timesteps(pipe.scheduler.config.num_train_timesteps)
+        scheduler = noise_scheduler(pipe)
+        timesteps = uniform_timesteps(scheduler.config.num_train_timesteps)
         plan = images.draw_items(len(cfg.concepts), len(cfg.templates), cfg.steps, cfg.batch_size, timesteps, torch.Generator().manual_seed(cfg.seed))
         capture = AttentionCapture(columns[:0])
         params = select_parameters(unet, cfg.trainable)
-        optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)
+        optimization = Optimization(params.values(), device, cfg.dtype, torch.optim.AdamW, lr=cfg.lr)
         mixed_precision = autocast(device, cfg.dtype)
 
         def step(i: int) -> dict[str, torch.Tensor]:
             image, prompt, t, noise = plan.image[i], plan.prompt[i], plan.timestep[i], plan.noise[i]
-            x = pipe.scheduler.add_noise(images.latents[image], noise, t)
+            x = scheduler.add_noise(images.latents[image], noise, t)
             capture.columns = columns[prompt]
             capture.masks = None if images.masks is None else images.masks[image]
             capture.stats.clear()
             with mixed_precision:
-                unet(x, t, context[prompt])
+                denoise(unet, x, t, context[prompt])
             loss = capture.watched_sq().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimization.step(loss)
             return {"attention": loss.detach()}
 
         with trainable(params), capture_processors(unet, capture, cfg.op_backend("cross_attention")):
@@ -150,22 +160,22 @@ class ForgetMeNot(Method):
         """Learns the new tokens' vectors: the frozen model should denoise the concept's images
         from the prompts that name the concept with them."""
         prompts = [t.format(inverted.words[c]) for c in cfg.concepts for t in cfg.templates]
-        timesteps = uniform_timesteps(pipe.scheduler.config.num_train_timesteps)
+        scheduler = noise_scheduler(pipe)
+        timesteps = uniform_timesteps(scheduler.config.num_train_timesteps)
         generator = torch.Generator().manual_seed(cfg.seed + 1)
         plan = images.draw_items(len(cfg.concepts), len(cfg.templates), cfg.inversion_steps, cfg.batch_size, timesteps, generator)
-        optimizer = torch.optim.Adam([inverted.vectors], lr=cfg.inversion_lr)
+        optimization = Optimization(inverted.vectors.parameters(), pipe.device, cfg.dtype, lr=cfg.inversion_lr)
         mixed_precision = autocast(pipe.device, cfg.dtype)
 
         def step(i: int) -> dict[str, torch.Tensor]:
             image, prompt, t, noise = plan.image[i], plan.prompt[i], plan.timestep[i], plan.noise[i]
-            x = pipe.scheduler.add_noise(images.latents[image], noise, t)
-            context = inverted.encode(pipe.text_encoder, prompts)[prompt]
+            latents = images.latents[image]
+            x = scheduler.add_noise(latents, noise, t)
+            context = inverted.encode(pipe, prompts)[prompt]
             with mixed_precision:
-                pred = pipe.unet(x, t, context).sample.float()
-            loss = nn.functional.mse_loss(pred, noise.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+                pred = denoise(pipe.unet, x, t, context).float()
+            loss = nn.functional.mse_loss(pred, training_target(scheduler, latents, noise, t).float())
+            optimization.step(loss)
             return {"inversion": loss.detach()}
 
         report = None if progress is None else (lambda step, total, losses: progress(0, cfg.steps, losses))

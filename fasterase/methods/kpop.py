@@ -33,12 +33,13 @@ from torch import nn
 from ..attention import INJECTION_SITES, LearnedPrompt, prompt_processors
 from ..config import check_choice, option
 from ..errors import UserError
-from ..models.text import encode_prompts
+from ..evaluation.sampling import chunk_size
+from ..models.family import denoise, encode
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 from .trajectories import predict_noise
 from .training import (
-    TrajectoryConfig, autocast, changed_tensors, concept_schedule, guided_away, run_steps, sample_banks, trainable,
+    Optimization, TrajectoryConfig, autocast, changed_tensors, concept_schedule, guided_away, join_inputs, run_steps, sample_banks, trainable,
     trajectory_prompts, uniform_schedule,
 )
 
@@ -87,18 +88,21 @@ class KPOP(Method):
         neutral_prompts = trajectory_prompts(cfg.templates, [cfg.neutral] * len(cfg.concepts), cfg.trajectories)
         # keep: the preserved concepts' trajectories and the original model's predictions on them.
         bank_e, keep = sample_banks(pipe, cfg, concept_prompts)
-        context = encode_prompts(pipe, concept_prompts)  # (T, 77, d)
-        context_n = encode_prompts(pipe, neutral_prompts)
+        context = encode(pipe, concept_prompts)  # one row per trajectory
+        context_n = encode(pipe, neutral_prompts)
         # The original model's predictions, before anything changes (under the concept's prompts,
         # from sampling).
         target_e = bank_e.eps_prompt
-        target_n = predict_noise(unet, bank_e.latents, bank_e.timesteps, context_n[bank_e.prompt_index])
+        target_n = predict_noise(unet, bank_e.latents, bank_e.timesteps, context_n[bank_e.prompt_index], 2 * chunk_size(pipe, cfg.sample_batch))
         target_r = guided_away(target_n, target_e, cfg.negative_guidance)  # the removal target
 
-        prompt = LearnedPrompt(cfg.prompt_mode, *self._prompt_shape(cfg, context), init=self._prompt_init(cfg, context)).to(device)
+        # The prompt lives in the text-state space that cross-attention reads (2048 wide on SDXL).
+        prompt = LearnedPrompt(cfg.prompt_mode, *self._prompt_shape(cfg, context.states), init=self._prompt_init(cfg, context.states)).to(device)
         params = select_parameters(unet, cfg.trainable)
-        model_opt = torch.optim.Adam(params.values(), lr=cfg.lr)
-        prompt_opt = torch.optim.Adam(prompt.parameters(), lr=cfg.prompt_lr)
+        # Two optimizations, each of its own tensors' gradients: the transfer step moves the prompt
+        # alone, the removal step the model alone.
+        model_opt = Optimization(params.values(), device, cfg.dtype, lr=cfg.lr)
+        prompt_opt = Optimization(prompt.parameters(), device, cfg.dtype, lr=cfg.prompt_lr)
         # Which bank entries each step uses, drawn up front (no sampling inside the step):
         # batch_size entries of every erased concept, so that a step carries all of them.
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -115,25 +119,22 @@ class KPOP(Method):
             idx, k = schedule[i], keep_schedule[i]
             x, t, c = bank_e.latents[idx], bank_e.timesteps[idx], context[bank_e.prompt_index[idx]]
             with mixed_precision, prompt.active(0):
-                transfer = mse(unet(x, t, c).sample.float(), target_e[idx])
-            (prompt.tokens.grad,) = torch.autograd.grad(transfer, [prompt.tokens])
-            prompt_opt.step()
+                transfer = mse(denoise(unet, x, t, c).float(), target_e[idx])
+            prompt_opt.step(transfer, only_own=True)
             # One forward carries every removal term: erased, neutral (when kept) and preserved
             # items without the prompt, then the erased items again with it.
             neutral = [(x, t, context_n[bank_e.prompt_index[idx]])] if neutral_size else []
             parts = [(x, t, c)] + neutral + ([keep.inputs(k)] if keep else []) + [(x, t, c)]
-            xs, ts, cs = (torch.cat(part) for part in zip(*parts))
+            xs, ts, cs = join_inputs(parts)
             with mixed_precision, prompt.active(size + neutral_size + keep_size):
-                pred = unet(xs, ts, cs).sample.float()
+                pred = denoise(unet, xs, ts, cs).float()
             erased_pred, neutral_pred, kept_pred, prompted_pred = pred.split([size, neutral_size, keep_size, size])
             removal = mse(erased_pred, target_r[idx]) + lam * mse(prompted_pred, target_e[idx])
             if cfg.neutral_weight:
                 removal = removal + cfg.neutral_weight * mse(neutral_pred, target_n[idx])
             if keep is not None:
                 removal = removal + cfg.preserve_weight * mse(kept_pred, keep.target[k])
-            for p, g in zip(params.values(), torch.autograd.grad(removal, list(params.values()))):
-                p.grad = g
-            model_opt.step()
+            model_opt.step(removal, only_own=True)
             return {"transfer": transfer.detach(), "removal": removal.detach()}
 
         with trainable(params), prompt_processors(unet, prompt, cfg.inject, cfg.op_backend("cross_attention")):
@@ -146,20 +147,20 @@ class KPOP(Method):
         )
 
     @staticmethod
-    def _prompt_shape(cfg: KPOPConfig, context: torch.Tensor) -> tuple[int, int]:
-        tokens, dim = context.shape[1:]
+    def _prompt_shape(cfg: KPOPConfig, states: torch.Tensor) -> tuple[int, int]:
+        tokens, dim = states.shape[1:]
         return (cfg.prompt_length * tokens if cfg.prompt_mode == "concat" else tokens), dim
 
     @staticmethod
-    def _prompt_init(cfg: KPOPConfig, context: torch.Tensor) -> torch.Tensor:
+    def _prompt_init(cfg: KPOPConfig, states: torch.Tensor) -> torch.Tensor:
         """Concat: copies of the concepts' own prompt embeddings. Keys and values repeated in
         attention leave its output unchanged, so for one concept the model with p starts exactly
         at the original model, and the transfer step starts from there. Additive: zeros, the same
         identity."""
         if cfg.prompt_mode == "additive":
-            return torch.zeros_like(context[0])
+            return torch.zeros_like(states[0])
         # the first prompt of each erased concept, (C, 77, d)
-        firsts = context[: len(cfg.concepts) * cfg.trajectories : cfg.trajectories]
+        firsts = states[: len(cfg.concepts) * cfg.trajectories : cfg.trajectories]
         return torch.cat([firsts[i % firsts.shape[0]] for i in range(cfg.prompt_length)])
 
     @staticmethod

@@ -51,12 +51,12 @@ from ..closed_form import RidgeGrams, edit_weights, gram, load_gram, mapping_mat
 from ..concept_images import ConceptImages, ImageMethodConfig, concept_images
 from ..config import option, per_concept
 from ..errors import UserError
-from ..evaluation.sampling import SamplingConfig
 from ..lora import fuse_loras, lora_state_dict
+from ..models.family import Conditioning, denoise, encode, noise_scheduler
 from ..models.text import concept_tail, encode_prompts, token_columns
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
-from .training import autocast, run_steps, trainable
+from .training import Optimization, autocast, run_steps, trainable
 
 
 @dataclass
@@ -179,24 +179,25 @@ class MACE(Method):
         cached = load_gram(cfg.preserve_gram, pipe).gram.to(device) if cfg.preserve_gram else None
         images = concept_images(
             pipe, cfg.concepts, cfg.images, cfg.masks, count=cfg.image_count, templates=cfg.templates,
-            sampling=SamplingConfig(seed=cfg.seed),
+            sampling=cfg.sampling(),
         )
         prompts = [t.format(c) for c in cfg.concepts for t in cfg.templates]  # concept-major
         with torch.no_grad():
-            context = encode_prompts(pipe, prompts)
+            context = encode(pipe, prompts)
+            states = context.states  # what cross-attention reads: the closed forms solve over it
             preserved = cfg.preserve_scale * prompt_gram(pipe, [""] + [t.format(p) for p in cfg.preserve for t in cfg.templates])
             if cached is not None:
                 preserved += cfg.preserve_scale * cached.to(preserved.device)
             edited = concept_tail(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates]).to(device)
             # Before the concept a prompt's embeddings are those of any prompt with the same
             # beginning (the text encoder is causal): both solves keep their projections.
-            preserved += gram(context, ~edited)
+            preserved += gram(states, ~edited)
         weights = select_parameters(unet, "cross_attention_kv")
-        self._refine(pipe, cfg, context, edited, preserved, weights)
+        self._refine(pipe, cfg, states, edited, preserved, weights)
         loras = self._train(pipe, cfg, images, prompts, context, progress)
         with torch.no_grad():
-            by_concept = (len(cfg.concepts), len(cfg.templates), *context.shape[1:])
-            concept_grams = [gram(own, mask) for own, mask in zip(context.view(by_concept), edited.view(by_concept[:3]))]
+            by_concept = (len(cfg.concepts), len(cfg.templates), *states.shape[1:])
+            concept_grams = [gram(own, mask) for own, mask in zip(states.view(by_concept), edited.view(by_concept[:3]))]
             fused = fuse_loras(
                 {n: p.detach() for n, p in weights.items()}, loras, concept_grams, preserved, cfg.lam, cfg.op_backend("ridge_solve")
             )
@@ -207,19 +208,19 @@ class MACE(Method):
 
     @staticmethod
     @torch.no_grad()
-    def _refine(pipe, cfg: MACEConfig, context: torch.Tensor, edited: torch.Tensor, preserved: torch.Tensor, weights: dict) -> None:
+    def _refine(pipe, cfg: MACEConfig, states: torch.Tensor, edited: torch.Tensor, preserved: torch.Tensor, weights: dict) -> None:
         """Stage 1: every to_k/to_v W becomes W M, M the one ridge solution that maps each concept's
         prompt tokens (the `edited` positions) to the mapping prompt's at the same positions."""
         mapped = encode_prompts(pipe, [t.format(m) for m in cfg.mappings() for t in cfg.templates])
-        grams = RidgeGrams.zeros(context.shape[-1], context.device)
-        grams.add_edit(context, mapped, edited)
+        grams = RidgeGrams.zeros(states.shape[-1], states.device)
+        grams.add_edit(states, mapped, edited)
         grams.preserved += preserved.to(grams.preserved.device)
         mapping = mapping_matrix(grams, cfg.lam, cfg.op_backend("ridge_solve"))
         for name, value in edit_weights({n: p.detach() for n, p in weights.items()}, mapping).items():
             weights[name].copy_(value)
 
     @staticmethod
-    def _train(pipe, cfg: MACEConfig, images: ConceptImages, prompts: list[str], context: torch.Tensor, progress: Progress | None):
+    def _train(pipe, cfg: MACEConfig, images: ConceptImages, prompts: list[str], context: Conditioning, progress: Progress | None):
         """Stage 2: every concept's LoRA, trained together; returns per concept, for every
         projection, its factors (up (d_out, r), down (r, d)), the LoRA's scale folded in."""
         unet, device = pipe.unet, pipe.device
@@ -227,7 +228,8 @@ class MACE(Method):
         columns = token_columns(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates], cfg.include_end).to(device)
 
         generator = torch.Generator().manual_seed(cfg.seed)
-        timesteps = functools.partial(focal_timesteps, pipe.scheduler.config.num_train_timesteps, focal=cfg.importance_sampling)
+        scheduler = noise_scheduler(pipe)
+        timesteps = functools.partial(focal_timesteps, scheduler.config.num_train_timesteps, focal=cfg.importance_sampling)
         items = images.draw_items(count, templates, cfg.steps, cfg.batch_size, timesteps, generator)
         image, prompt, timestep, noise = items.image, items.prompt, items.timestep, items.noise
 
@@ -236,20 +238,18 @@ class MACE(Method):
         with concept_loras(unet, count, cfg.rank, cfg.seed) as loras, capture_processors(unet, capture, cfg.op_backend("cross_attention")):
             loras.route(items.concept)  # the same items' concepts every step
             params = loras.parameters()
-            optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)
+            optimization = Optimization(params.values(), device, cfg.dtype, torch.optim.AdamW, lr=cfg.lr)
 
             def step(i: int) -> dict[str, torch.Tensor]:
-                x = pipe.scheduler.add_noise(images.latents[image[i]], noise[i], timestep[i])
+                x = scheduler.add_noise(images.latents[image[i]], noise[i], timestep[i])
                 capture.columns = columns[prompt[i]]
                 capture.masks = None if images.masks is None else images.masks[image[i]]
                 capture.stats.clear()
                 with mixed_precision:
-                    unet(x, timestep[i], context[prompt[i]])
+                    denoise(unet, x, timestep[i], context[prompt[i]])
                 # The sum of the concepts' means: each LoRA gets the gradient of its own loss alone.
                 loss = capture.watched_sq().view(count, cfg.batch_size).mean(1).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                optimization.step(loss)
                 return {"attention": loss.detach() / count}
 
             with trainable(params):

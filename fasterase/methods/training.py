@@ -20,8 +20,9 @@ from torch import nn
 
 from ..config import MethodConfig, option
 from ..errors import UserError
+from ..evaluation.sampling import chunk_size
+from ..models.family import Conditioning, denoise, encode
 from ..models.fingerprint import portable_name
-from ..models.text import encode_prompts
 from . import Progress
 from .trajectories import TrajectoryBank, sample_trajectories
 
@@ -78,28 +79,72 @@ def autocast(device: torch.device, dtype: str):
 
 
 @contextlib.contextmanager
-def trainable(params: dict[str, nn.Parameter]) -> Iterator[None]:
-    """A block in which `params` take gradients; afterwards the model is frozen again, with no
-    gradients left behind, however the block ends."""
+def trainable(params: dict[object, nn.Parameter]) -> Iterator[None]:
+    """A block in which `params` take gradients as float32 master weights: in a model loaded in
+    half precision they are upcast for the block (the forward computes with half-precision copies
+    under `autocast`, and the optimizer's state is float32, so small updates are not lost to
+    rounding). Afterwards the model is frozen again, in its own dtypes, with no gradients left
+    behind, however the block ends."""
+    dtypes = {name: p.dtype for name, p in params.items()}
     for p in params.values():
+        p.data = p.data.float()
         p.requires_grad_(True)
     try:
         yield
     finally:
-        for p in params.values():
+        for name, p in params.items():
             p.requires_grad_(False)
             p.grad = None
+            p.data = p.data.to(dtypes[name])
+
+
+class Optimization:
+    """An optimizer over a run's trainable tensors, in the run's precision. Under float16 on a GPU
+    the loss is scaled, so that small gradients do not flush to zero in the half-precision backward
+    (torch's GradScaler; with the fused optimizer it skips overflowing steps and adapts its scale
+    on the device, with no host synchronisation). Elsewhere it is the plain optimizer."""
+
+    def __init__(self, params, device: torch.device, dtype: str, optimizer: type = torch.optim.Adam, **options):
+        cuda = device.type == "cuda"
+        self.params = list(params)
+        self.optimizer = optimizer(self.params, fused=True, **options) if cuda else optimizer(self.params, **options)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cuda and dtype == "float16")
+
+    def step(self, loss: torch.Tensor, only_own: bool = False) -> None:
+        """One update on `loss`. With only_own, the gradients of this optimizer's tensors alone are
+        computed (the loss may depend on other trainable tensors that another optimizer updates)."""
+        scaled = self.scaler.scale(loss)
+        if only_own:
+            for p, grad in zip(self.params, torch.autograd.grad(scaled, self.params)):
+                p.grad = grad
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            scaled.backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 def run_steps(step: Callable[[int], dict[str, torch.Tensor]], steps: int, log_every: int, progress: Progress | None) -> None:
     """Runs step(i) for every step; its losses stay on the device except every `log_every` steps
-    (and at the last), when they are read for the progress callback."""
+    (and at the last), when they are read for the progress callback and checked: a non-finite loss
+    stops the run with a UserError that names its first step."""
     if progress is not None:
         progress(0, steps, {})
+    finite = None  # (steps,) bool on the device: whether each step's losses were finite
     for i in range(steps):
         losses = step(i)
-        if progress is not None and ((i + 1) % log_every == 0 or i + 1 == steps):
-            progress(i + 1, steps, {name: value.item() for name, value in losses.items()})
+        if finite is None:
+            finite = torch.ones(steps, dtype=torch.bool, device=next(iter(losses.values())).device)
+        finite[i] = torch.stack([value.isfinite().all() for value in losses.values()]).all()
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            if not finite[: i + 1].all():
+                first = int(torch.nonzero(~finite)[0]) + 1
+                raise UserError(
+                    f"stopped at step {first} of {steps}: the loss is not finite (nan or inf); with --fp16 try --bf16 or float32,"
+                    " else a lower learning rate; nothing was written"
+                )
+            if progress is not None:
+                progress(i + 1, steps, {name: value.item() for name, value in losses.items()})
 
 
 def changed_tensors(component: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -113,12 +158,18 @@ class PredictionTargets:
     should predict `target`."""
 
     bank: TrajectoryBank
-    context: torch.Tensor  # (prompts, 77, d)
+    context: Conditioning  # one row per prompt
     target: torch.Tensor  # (N, C, h, w), one per bank entry
 
-    def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The UNet's inputs (x_t, t, text) for the entries at positions `idx`."""
+    def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """The UNet's inputs (x_t, t, conditioning) for the entries at positions `idx`."""
         return self.bank.latents[idx], self.bank.timesteps[idx], self.context[self.bank.prompt_index[idx]]
+
+
+def join_inputs(parts: list[tuple[torch.Tensor, torch.Tensor, Conditioning]]) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """Several batches of UNet inputs (x_t, t, conditioning) as one, in order."""
+    latents, timesteps, context = zip(*parts)
+    return torch.cat(latents), torch.cat(timesteps), Conditioning.cat(list(context))
 
 
 def sample_banks(pipe, cfg: TrajectoryConfig, prompts: list[str]) -> tuple[TrajectoryBank, PredictionTargets | None]:
@@ -126,13 +177,13 @@ def sample_banks(pipe, cfg: TrajectoryConfig, prompts: list[str]) -> tuple[Traje
     in the same sampling, under the preserved concepts' prompts, with the targets that keep the
     frozen model's predictions on the latter (None when nothing is preserved)."""
     preserve_prompts = trajectory_prompts(cfg.templates, cfg.preserve, cfg.trajectories)
-    bank = sample_trajectories(pipe, prompts + preserve_prompts, cfg.sample_steps, cfg.guidance, cfg.seed)
+    bank = sample_trajectories(pipe, prompts + preserve_prompts, cfg.sample_steps, cfg.guidance, cfg.seed, chunk_size(pipe, cfg.sample_batch))
     if not cfg.preserve:
         return bank, None
     erased = bank.prompt_index < len(prompts)
     kept = bank.take(~erased)
     kept = dataclasses.replace(kept, prompt_index=kept.prompt_index - len(prompts))
-    return bank.take(erased), PredictionTargets(kept, encode_prompts(pipe, preserve_prompts), kept.eps_prompt)
+    return bank.take(erased), PredictionTargets(kept, encode(pipe, preserve_prompts), kept.eps_prompt)
 
 
 def match_predictions(
@@ -153,7 +204,7 @@ def match_predictions(
     schedule = concept_schedule(erase.bank.prompt_index // cfg.trajectories, len(cfg.concepts), cfg.steps, cfg.batch_size, generator)
     keep_schedule = uniform_schedule(len(keep.bank) if keep else 0, cfg.steps, cfg.batch_size if keep else 0, generator, device)
     size = schedule.shape[1]
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
+    optimization = Optimization(params.values(), device, cfg.dtype, lr=cfg.lr)
     mixed_precision = autocast(device, cfg.dtype)
     mse = nn.functional.mse_loss
 
@@ -161,17 +212,15 @@ def match_predictions(
         idx, k = schedule[i], keep_schedule[i]
         # One forward carries the erased items, then the preserved ones.
         parts = [erase.inputs(idx)] + ([keep.inputs(k)] if keep else [])
-        x, t, c = (torch.cat(part) for part in zip(*parts))
+        x, t, c = join_inputs(parts)
         with mixed_precision:
-            pred = unet(x, t, c).sample.float()
+            pred = denoise(unet, x, t, c).float()
         losses = {"erase": mse(pred[:size], erase.target[idx])}
         loss = losses["erase"]
         if keep is not None:
             losses["keep"] = mse(pred[size:], keep.target[k])
             loss = loss + cfg.preserve_weight * losses["keep"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimization.step(loss)
         return {name: value.detach() for name, value in losses.items()}
 
     with trainable(params):

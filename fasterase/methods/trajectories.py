@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.text import encode_prompts
+from ..models.family import Conditioning, denoise, encode, unconditional
 
 
 @dataclass
@@ -35,9 +35,10 @@ class TrajectoryBank:
 
 
 @torch.no_grad()
-def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 64) -> TrajectoryBank:
-    """DDIM trajectories of the frozen model, one per prompt, with every x_t and the model's
-    predictions there kept."""
+def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int) -> TrajectoryBank:
+    """DDIM trajectories of the frozen model, one per prompt, `batch_size` prompts at a time, with
+    every x_t and the model's predictions there kept (under the prompt, and under what guidance's
+    unconditional branch reads)."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -45,19 +46,19 @@ def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, s
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
     generator = torch.Generator().manual_seed(seed)
-    cond = encode_prompts(pipe, prompts)
-    uncond = encode_prompts(pipe, [""])
+    cond = encode(pipe, prompts)
+    uncond = unconditional(pipe)
     latents, timesteps, index, eps_prompt, eps_empty = [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         c = cond[start : start + batch_size]
-        n = c.shape[0]
+        n = len(c)
         x = torch.randn((n, channels, size, size), generator=generator).to(pipe.device, unet.dtype) * scheduler.init_noise_sigma
-        context = torch.cat([uncond.expand(n, -1, -1), c])
+        context = Conditioning.cat([uncond.expand(n), c])
         for t in scheduler.timesteps:
             latents.append(x)
             timesteps.append(t.expand(n))
             index.append(torch.arange(start, start + n, device=pipe.device))
-            eps_uncond, eps_cond = unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, context).sample.chunk(2)
+            eps_uncond, eps_cond = denoise(unet, scheduler.scale_model_input(torch.cat([x, x]), t), t, context).chunk(2)
             eps_prompt.append(eps_cond)
             eps_empty.append(eps_uncond)
             x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
@@ -65,11 +66,11 @@ def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, s
 
 
 @torch.no_grad()
-def predict_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """The UNet's noise prediction for many (x_t, t, text) triples, in batches."""
+def predict_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, context: Conditioning, batch_size: int) -> torch.Tensor:
+    """The UNet's predictions for many (x_t, t, conditioning) triples, `batch_size` at a time."""
     if latents.shape[0] == 0:
         return torch.empty_like(latents)
     return torch.cat([
-        unet(latents[i : i + batch_size], timesteps[i : i + batch_size], context[i : i + batch_size]).sample
+        denoise(unet, latents[i : i + batch_size], timesteps[i : i + batch_size], context[i : i + batch_size])
         for i in range(0, latents.shape[0], batch_size)
     ])

@@ -35,6 +35,7 @@ import torch
 from ..closed_form import RidgeGrams, edit_weights, load_gram, mapping_fit, mapping_matrix, prompt_gram
 from ..config import MethodConfig, option, per_concept
 from ..errors import UserError
+from ..models.family import context_width
 from ..models.text import concept_tail, encode_prompts
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
@@ -77,9 +78,9 @@ class UCE(Method):
     def erase(self, pipe, cfg: UCEConfig, progress: Progress | None = None) -> ErasureResult:
         if progress is not None:
             progress(0, 1, {})
-        device = pipe.text_encoder.device
+        device = pipe.device
         cached = load_gram(cfg.preserve_gram, pipe).gram.to(device) if cfg.preserve_gram else None
-        grams = RidgeGrams.zeros(pipe.text_encoder.config.hidden_size, device)
+        grams = RidgeGrams.zeros(context_width(pipe), device)
         # (concept, concept's prompt, guide's prompt) for every erased concept and template
         edits = [(c, t.format(c), t.format(g)) for c, g in zip(cfg.concepts, cfg.guides()) for t in cfg.templates]
         for start in range(0, len(edits), cfg.batch_size):

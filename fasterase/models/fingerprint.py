@@ -6,11 +6,13 @@ import hashlib
 
 import torch
 
-FINGERPRINTED_COMPONENTS = ("unet", "text_encoder")
+from .family import family_of
+
 SAMPLES_PER_TENSOR = 256
 # Tensor-name prefixes that depend on the library version: transformers 4 names the CLIP text
-# encoder's tensors "text_model.encoder...", transformers 5 "encoder...".
-VERSIONED_PREFIXES = {"text_encoder": "text_model."}
+# encoder's tensors "text_model.encoder...", transformers 5 "encoder..." (but keeps the prefix in
+# SDXL's second encoder, a CLIPTextModelWithProjection).
+VERSIONED_PREFIXES = {"text_encoder": "text_model.", "text_encoder_2": "text_model."}
 
 
 def portable_name(component: str, name: str) -> str:
@@ -27,10 +29,11 @@ def _strided_sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat[::stride][:SAMPLES_PER_TENSOR]
 
 
-def fingerprint(pipe, components: tuple[str, ...] = FINGERPRINTED_COMPONENTS) -> str:
-    """16 hex characters (the start of a sha256) identifying the weights of `pipe.unet` and `pipe.text_encoder`.
+def fingerprint(pipe, components: tuple[str, ...] | None = None) -> str:
+    """16 hex characters (the start of a sha256) identifying the weights of `components` of `pipe`,
+    by default every component a method may change: the UNet and the family's text encoders.
 
-    Compute it on the base model, before any edit is applied. For every tensor of both state dicts,
+    Compute it on the base model, before any edit is applied. For every tensor of their state dicts,
     in sorted key order, it hashes the key (its `portable_name`), the shape, and the signs of up to 256 elements taken at
     a fixed stride over the flattened tensor: one small gather per tensor and never a pass over the
     weights, so it costs milliseconds on a 1-billion-parameter model.
@@ -46,7 +49,7 @@ def fingerprint(pipe, components: tuple[str, ...] = FINGERPRINTED_COMPONENTS) ->
     changes sign keeps the fingerprint of its base.
     """
     digest = hashlib.sha256()
-    for component in components:
+    for component in components or family_of(pipe).components():
         state = {portable_name(component, key): tensor for key, tensor in getattr(pipe, component).state_dict().items()}
         for key in sorted(state):
             tensor = state[key]

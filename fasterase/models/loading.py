@@ -1,15 +1,17 @@
-"""Loading a StableDiffusionPipeline from the built-in world, a local folder, a single
-.safetensors file, or a hub id."""
+"""Loading a pipeline of a supported family from the built-in world, a local folder, a single
+.safetensors file (offline with a config folder), or a hub id."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
+from .family import family_of, folder_family
 
 BUILTIN = "builtin"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -32,55 +34,86 @@ def builtin_model_dir() -> Path:
 def _finish(pipe, device: str | torch.device):
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.requires_grad_(False).eval()
+    for name in (*family_of(pipe).components(), "vae"):
+        getattr(pipe, name).requires_grad_(False).eval()
+    # Decoding a chunk of latents one image at a time keeps the VAE's activations to one image's.
+    pipe.vae.enable_slicing()
     return pipe
 
 
-def load_pipeline(model: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
-    """A diffusers StableDiffusionPipeline, frozen, in eval mode, with no safety checker.
+def _pipeline_options(pipeline_class, dtype: torch.dtype) -> dict:
+    """The loading options: the dtype, and no safety checker where the pipeline has one."""
+    options = {_dtype_keyword(): dtype}
+    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
+        options |= {"safety_checker": None, "requires_safety_checker": False}
+    return options
+
+
+def load_pipeline(
+    model: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    model_config: str | Path | None = None,
+):
+    """A diffusers pipeline of the model's family (`fasterase.models.family`), frozen, in eval
+    mode, with no safety checker.
 
     model: None or "builtin" (the built-in world), a diffusers folder, a single-file .safetensors
-    checkpoint, or a hub id such as "org/name" (needs the network or the hub cache). Never unpickles.
+    checkpoint (with model_config, a diffusers folder of the same family that gives its configs and
+    tokenizers, it loads offline), or a hub id such as "org/name" (needs the network or the hub
+    cache). Never unpickles. Anything but SD1.x, SD2.x and SDXL base is refused with one line.
     """
     import diffusers
     import transformers
-    from diffusers import StableDiffusionPipeline
 
     # Loading a small model should not draw progress bars over the command's own output.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    common = {_dtype_keyword(): dtype, "safety_checker": None, "requires_safety_checker": False}
     name = BUILTIN if model is None else str(model)
     path = builtin_model_dir() if name == BUILTIN else Path(name).expanduser()
     if name == BUILTIN and not path.is_dir():
         raise UserError(f"the built-in model is not installed at {path}; reinstall fasterase")
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        return _finish(StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **common), device)
+    if model_config is not None and not path.is_file():
+        raise UserError("--model-config gives the configs of a single-file checkpoint; --model is not a file")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise UserError(f"{path}: only .safetensors checkpoints are read (pickled .ckpt/.bin files are refused)")
-        try:
-            return _finish(StableDiffusionPipeline.from_single_file(str(path), **common), device)
-        except Exception as exc:  # diffusers raises many types here; the user needs one line
-            raise UserError(f"could not load {path} as a single-file Stable Diffusion checkpoint: {_first_line(exc)}") from exc
-    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
-        raise UserError(f"model path {name} does not exist")
+        from .single_file import checkpoint_family, load_single_file
+
+        family = checkpoint_family(path)
+        config_dir = Path(model_config).expanduser() if model_config is not None else None
+        pipeline_class = getattr(diffusers, family.pipeline_class)
+        return _finish(load_single_file(path, family, config_dir, pipeline_class, **_pipeline_options(pipeline_class, dtype)), device)
+    if not path.is_dir():
+        if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+            raise UserError(f"model path {name} does not exist")
+        path = _download(name)
+    pipeline_class = getattr(diffusers, folder_family(_pipeline_folder(path)).pipeline_class)
     try:
-        return _finish(StableDiffusionPipeline.from_pretrained(name, use_safetensors=True, **common), device)
+        pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **_pipeline_options(pipeline_class, dtype))
+    except Exception as exc:  # diffusers and transformers raise many types here; the user needs one line
+        raise UserError(f"could not load the pipeline in {path}: {first_line(exc)}") from exc
+    return _finish(pipe, device)
+
+
+def _pipeline_folder(path: Path) -> Path:
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def _download(name: str) -> Path:
+    """The hub cache's folder of pipeline `name` (safetensors only), downloading what is missing."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(name, use_safetensors=True))
     except Exception as exc:
         raise UserError(
-            f"could not load '{name}' from the Hugging Face Hub ({_first_line(exc)}); "
+            f"could not load '{name}' from the Hugging Face Hub ({first_line(exc)}); "
             "if you are offline, pass a local diffusers folder or .safetensors file with --model PATH"
         ) from exc
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def model_name(model: str | Path | None) -> str:

@@ -1,10 +1,12 @@
-"""Text-side helpers: checking that a concept can be written, and encoding prompts."""
+"""Text-side helpers: checking that a concept can be written, token positions of a concept in a prompt,
+and the text states of prompts."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import UserError
+from .family import encode
 
 
 def check_concept(tokenizer, concept: str) -> None:
@@ -23,18 +25,11 @@ def padded_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def token_ids(pipe, prompts: list[str]) -> torch.Tensor:
-    """Token ids (N, 77) of prompts, padded as the pipeline pads them, on the text encoder's device."""
-    return padded_ids(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
-
-
-@torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Text-encoder states (N, 77, d) for prompts, padded as the pipeline pads them."""
-    return torch.cat([
-        pipe.text_encoder(token_ids(pipe, prompts[start : start + batch_size]))[0]
-        for start in range(0, len(prompts), batch_size)
-    ])
+    """The text states (N, 77, d) that cross-attention reads for prompts (d: the UNet's
+    cross_attention_dim), what the closed forms solve over; `family.encode` gives the whole
+    conditioning of a UNet call."""
+    return encode(pipe, prompts, batch_size).states
 
 
 def token_columns(tokenizer, prompts: list[str], concepts: list[str], include_end: bool = False) -> torch.Tensor:
