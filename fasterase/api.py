@@ -24,7 +24,8 @@ from .evaluation.sampling import SamplingConfig, generate as sample_images
 from .lora import save_lora
 from .methods import Progress, get_method
 from .models.fingerprint import fingerprint
-from .models.loading import BUILTIN, load_pipeline, model_name
+from .models.family import family_of
+from .models.loading import BUILTIN, DTYPES, load_pipeline, model_name, model_path, stored_dtype
 from .models.text import check_concept
 
 
@@ -71,6 +72,7 @@ def erase(
     concepts: list[str] | None = None,
     *,
     model: str | Path | None = None,
+    model_config: str | Path | None = None,
     out: str | Path | None = None,
     config: str | Path | None = None,
     preset: str | None = None,
@@ -78,8 +80,13 @@ def erase(
     notify: Callable[[str], None] = lambda line: None,
     **options: Any,
 ) -> EraseSummary:
-    """Erases `concepts` from `model` (None: the built-in world) with `method`, and writes the edit
-    (and the key, for methods that have one). Options override the preset, then the YAML config."""
+    """Erases `concepts` from `model` (None: the built-in world; a single-file checkpoint with its
+    `model_config` folder) with `method`, and writes the edit (and the key, for methods that have
+    one). Options override the preset, then the YAML config.
+
+    With dtype float16 or bfloat16 on a GPU the frozen weights are loaded in that dtype; on a CPU
+    the run computes in float32 and says so. The edit's tensors are written in the base model's
+    stored dtype (`edit_dtype` chooses another)."""
     method_class = get_method(method)
     layers = [load_preset(method, preset)] if preset else []
     if config is not None:
@@ -95,9 +102,11 @@ def erase(
         notify(f"no GPU here: {cfg.dtype} runs in float32")
         cfg.dtype = "float32"
     out = ensure_writable(Path(out) if out else Path(f"{method}-{_slug(cfg.concepts)}.safetensors"))
-    pipe = load_pipeline(model, device=device)
-    for concept in cfg.prompt_concepts():
-        check_concept(pipe.tokenizer, concept)
+    pipe = load_pipeline(model, dtype=cfg.dtype, device=device, model_config=model_config)
+    edit_dtype = stored_dtype(model_path(model)) if cfg.edit_dtype == "base" else DTYPES[cfg.edit_dtype]
+    for name in family_of(pipe).tokenizers:
+        for concept in cfg.prompt_concepts():
+            check_concept(getattr(pipe, name), concept)
     base = fingerprint(pipe)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -107,6 +116,8 @@ def erase(
     with backend_processors(pipe.unet, cfg.op_backend("cross_attention")):
         result = method_class().erase(pipe, cfg, progress)
     seconds = time.time() - start
+    check_finite(result)
+    result.tensors = {name: value.to(edit_dtype) for name, value in result.tensors.items()}
     metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprint=base, base_model=model_name(model))
     key = None
     if result.key is not None:
@@ -115,18 +126,27 @@ def erase(
     loras = []
     for concept, tensors in result.loras.items():
         loras.append(ensure_writable(out.with_name(f"{out.name.removesuffix('.safetensors')}.lora-{_slug([concept])}.safetensors")))
+        tensors = {name: value.to(edit_dtype) for name, value in tensors.items()}
         save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprint": base})
     save_edit(out, Edit(tensors=result.tensors, metadata=metadata))
     return EraseSummary(out, key, seconds, _peak_memory(device), str(device), loras=loras)
+
+
+def check_finite(result) -> None:
+    """A UserError, before anything is written, when training left a tensor nan or inf (a
+    non-finite gradient in the last steps, which no loss showed yet)."""
+    if bad := [name for name, value in result.tensors.items() if not torch.isfinite(value).all()]:
+        raise UserError(f"the erasure produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}); with --fp16 try --bf16 or float32, else a lower learning rate; nothing was written")
 
 
 def _slug(concepts: list[str]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(concepts).lower()).strip("-")[:60] or "concepts"
 
 
-def load_edited(model=None, edit: str | Path | None = None, device: torch.device | None = None):
-    """A pipeline with `edit` applied (refused if the edit was made for another base model)."""
-    pipe = load_pipeline(model, device=device or default_device())
+def load_edited(model=None, edit: str | Path | None = None, device: torch.device | None = None, model_config: str | Path | None = None):
+    """A pipeline of the model's family (e.g. a StableDiffusionXLPipeline) with `edit` applied
+    (refused if the edit was made for another base model)."""
+    pipe = load_pipeline(model, device=device or default_device(), model_config=model_config)
     if edit is not None:
         loaded = load_edit(edit)
         apply_edit(pipe, loaded, fingerprint(pipe))
@@ -147,6 +167,7 @@ def generate(
     prompts: list[str],
     *,
     model=None,
+    model_config=None,
     edit=None,
     key=None,
     n: int = 8,
@@ -155,7 +176,7 @@ def generate(
 ) -> Path:
     """Samples n images per prompt and writes them as a grid, one row per prompt."""
     out = ensure_writable(Path(out))
-    pipe = load_pipeline(model, device=default_device())
+    pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprint(pipe)
     if edit is not None:
         apply_edit(pipe, load_edit(edit), base)
@@ -192,6 +213,7 @@ def evaluate(
     *,
     preserve: list[str] | None = None,
     model=None,
+    model_config=None,
     key=None,
     n: int = 32,
     grid: str | Path | None = None,
@@ -200,7 +222,9 @@ def evaluate(
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
     `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated."""
-    return compare([edit], concepts, preserve=preserve, model=model, key=key, n=n, grid=grid, sampling=sampling, progress=progress)["edits"][0]
+    return compare(
+        [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress
+    )["edits"][0]
 
 
 def compare(
@@ -209,6 +233,7 @@ def compare(
     *,
     preserve: list[str] | None = None,
     model=None,
+    model_config=None,
     key=None,
     n: int = 32,
     grid: str | Path | None = None,
@@ -230,7 +255,7 @@ def compare(
         grid = ensure_writable(Path(grid))
     judge = world_judge(model)
     plan = plan_for(judge, list(concepts), preserve, n)
-    pipe = load_pipeline(model, device=default_device())
+    pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprint(pipe)
     for e in loaded:
         check_edit(pipe, e, base)  # before minutes of sampling, not after
@@ -238,7 +263,7 @@ def compare(
     original = recognition(judge, original_images)
     results, rows = [], []
     for path, e in zip(edits, loaded):
-        edited_pipe = load_pipeline(model, device=default_device()) if results else pipe
+        edited_pipe = load_pipeline(model, device=default_device(), model_config=model_config) if results else pipe
         apply_edit(edited_pipe, e, base)
         with key_block(edited_pipe, key, base):
             edited_images = sample_concepts(edited_pipe, judge, plan, sampling, progress)

@@ -69,7 +69,7 @@ def _cmd_erase(args) -> int:
     options = dict(_parse_set(item) for item in args.set) | {k: v for k, v in flags.items() if v is not None}
     try:
         summary = api.erase(
-            args.method, args.concept, model=args.model, out=args.out, config=args.config, preset=args.preset,
+            args.method, args.concept, model=args.model, model_config=args.model_config, out=args.out, config=args.config, preset=args.preset,
             progress=progress, notify=lambda line: print(f"fasterase: {line}", file=sys.stderr), **options,
         )
     finally:
@@ -97,8 +97,8 @@ def _cmd_generate(args) -> int:
     from .evaluation.sampling import SamplingConfig
 
     path = api.generate(
-        args.prompt, model=args.model, edit=args.edit, key=args.key, n=args.n, out=args.out,
-        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed),
+        args.prompt, model=args.model, model_config=args.model_config, edit=args.edit, key=args.key, n=args.n, out=args.out,
+        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.sample_batch, seed=args.seed),
     )
     print(json.dumps({"grid": str(path)}) if args.json else f"wrote {path}")
     return 0
@@ -111,8 +111,8 @@ def _cmd_evaluate(args) -> int:
 
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
     comparison = api.compare(
-        args.edit, args.concept, preserve=args.preserve, model=args.model, key=args.key, n=args.n, grid=grid,
-        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, seed=args.seed),
+        args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
+        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.sample_batch, seed=args.seed),
     )
     single = len(args.edit) == 1
     if args.json:
@@ -180,7 +180,7 @@ def _cmd_cache_build(args) -> int:
     if not count:
         raise UserError(f"{prompts} has no captions (one per line)")
     start = time.time()
-    pipe = load_pipeline(args.model, device=default_device())
+    pipe = load_pipeline(args.model, device=default_device(), model_config=args.model_config)
     with tqdm(total=count, desc="cache build", unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
         cache = preservation_gram(pipe, captions(), model_name(args.model), args.batch_size, bar.update)
     save_gram(out, cache)
@@ -219,6 +219,7 @@ def _cmd_toyworld_images(args) -> int:
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per image")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--sample-batch", type=int, default=0, help="prompts drawn at a time (default 0: by image size, 64 at 256 px, 4 at 1024 px)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -227,16 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="fasterase", description="Erase concepts from text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = "a diffusers folder, a .safetensors checkpoint or a hub id (default: the built-in world)"
+    model_help = "a diffusers folder (SD1.x, SD2.x or SDXL base), a single-file .safetensors checkpoint or a hub id (default: the built-in world)"
+    model_config_help = "with a single-file --model: a local diffusers folder of the same family whose configs and tokenizers it uses (offline)"
 
     p = sub.add_parser("erase", help="erase concepts and write an edit")
     p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
     p.add_argument("--concept", action="append", help="a concept to erase (repeat for several)")
     p.add_argument("--preserve", action="append", help="a concept to keep (repeat for several)")
     p.add_argument("--model", help=model_help)
+    p.add_argument("--model-config", metavar="DIR", help=model_config_help)
     precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="compute in float16 on a GPU")
-    precision.add_argument("--bf16", action="store_true", help="compute in bfloat16 on a GPU")
+    precision.add_argument("--fp16", action="store_true", help="load the frozen weights and compute in float16 on a GPU (a CPU runs float32)")
+    precision.add_argument("--bf16", action="store_true", help="load the frozen weights and compute in bfloat16 on a GPU (a CPU runs float32)")
     p.add_argument("--steps", type=int, help="training steps (default: the method's)")
     p.add_argument("--config", help="a YAML file of method options")
     p.add_argument("--preset", help="a packaged preset, e.g. sd14 (the paper's settings)")
@@ -252,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample an image grid, optionally from an edited model")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
     p.add_argument("--model", help=model_help)
+    p.add_argument("--model-config", metavar="DIR", help=model_config_help)
     p.add_argument("--edit", help="an edit file to apply")
     p.add_argument("--key", help="a key file (KPOP) that recovers the erased concepts")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
@@ -265,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", help="erased concept (default: the edit's)")
     p.add_argument("--preserve", action="append", help="preserved concept (default: the rest of the erased concept's family)")
     p.add_argument("--model", help=model_help)
+    p.add_argument("--model-config", metavar="DIR", help=model_config_help)
     p.add_argument("--key", help="evaluate with a KPOP key in place")
     p.add_argument("--n", type=int, default=32, help="images per concept")
     p.add_argument("--grid", help="before/after PNG (default: beside the edit)")
@@ -281,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = cache_sub.add_parser("build", help="the preservation Gram of many captions, for a method's preserve_gram option (UCE, MACE)")
     q.add_argument("--prompts", required=True, help="a text file, one caption per line")
     q.add_argument("--model", help=model_help)
+    q.add_argument("--model-config", metavar="DIR", help=model_config_help)
     q.add_argument("--batch-size", type=int, default=256, help="captions encoded at a time")
     q.add_argument("--out", required=True, help="the .safetensors file to write")
     q.add_argument("--json", action="store_true")

@@ -38,7 +38,8 @@ class MethodConfig:
     steps: int = option(100, "training steps")
     seed: int = option(0, "random seed of sampling and training")
     backend: str = option("auto", "kernel backend: auto, torch, triton or cuda (ops not written in it run torch)")
-    dtype: str = option("float32", "compute dtype on a GPU: float32, float16 or bfloat16")
+    dtype: str = option("float32", "compute dtype on a GPU: float32, float16 or bfloat16 (the frozen weights are loaded in it; trained tensors keep float32 masters)")
+    edit_dtype: str = option("base", "dtype of the edit's tensors: base (the base model's stored dtype), float32, float16 or bfloat16")
     sample_batch: int = option(0, "prompts sampled at a time when drawing images or trajectories; 0: by image size (64 at 256 px, 16 at 512 px, 4 at 1024 px)")
     templates: list[str] = option(
         ["{}", "a photo of a {}", "a picture of a {}", "an image of a {}"],
@@ -58,6 +59,7 @@ class MethodConfig:
             raise UserError(f"sample_batch must be at least 0, not {self.sample_batch}")
         check_choice("backend", self.backend, ("auto", *BACKEND_NAMES))
         check_choice("dtype", self.dtype, DTYPE_NAMES)
+        check_choice("edit_dtype", self.edit_dtype, ("base", *DTYPE_NAMES))
         if not self.templates or any("{}" not in t for t in self.templates):
             raise UserError("every template must contain {} where the concept goes")
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -14,6 +16,10 @@ class SamplingConfig:
     guidance: float = 5.0
     batch_size: int = 0  # prompts drawn at a time; 0: `chunk_size`'s default for the model
     seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 0:
+            raise UserError(f"sampling needs at least 1 step and a sample batch of at least 0 (0: by image size), not {self.steps} and {self.batch_size}")
 
 
 # Latent pixels drawn at a time by default: 64 images on the built-in world (8x8 latents) and at

@@ -70,10 +70,7 @@ def load_pipeline(
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    name = BUILTIN if model is None else str(model)
-    path = builtin_model_dir() if name == BUILTIN else Path(name).expanduser()
-    if name == BUILTIN and not path.is_dir():
-        raise UserError(f"the built-in model is not installed at {path}; reinstall fasterase")
+    path = model_path(model)
     if model_config is not None and not path.is_file():
         raise UserError("--model-config gives the configs of a single-file checkpoint; --model is not a file")
     if path.is_file():
@@ -85,16 +82,51 @@ def load_pipeline(
         config_dir = Path(model_config).expanduser() if model_config is not None else None
         pipeline_class = getattr(diffusers, family.pipeline_class)
         return _finish(load_single_file(path, family, config_dir, pipeline_class, **_pipeline_options(pipeline_class, dtype)), device)
-    if not path.is_dir():
-        if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
-            raise UserError(f"model path {name} does not exist")
-        path = _download(name)
     pipeline_class = getattr(diffusers, folder_family(_pipeline_folder(path)).pipeline_class)
     try:
         pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **_pipeline_options(pipeline_class, dtype))
     except Exception as exc:  # diffusers and transformers raise many types here; the user needs one line
         raise UserError(f"could not load the pipeline in {path}: {first_line(exc)}") from exc
     return _finish(pipe, device)
+
+
+def model_path(model: str | Path | None) -> Path:
+    """Where a model's files are: the built-in world's folder, a local folder or .safetensors file,
+    or the hub cache's folder of a hub id (downloading what is missing)."""
+    name = BUILTIN if model is None else str(model)
+    path = builtin_model_dir() if name == BUILTIN else Path(name).expanduser()
+    if name == BUILTIN and not path.is_dir():
+        raise UserError(f"the built-in model is not installed at {path}; reinstall fasterase")
+    if path.exists():
+        return path
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise UserError(f"model path {name} does not exist")
+    return _download(name)
+
+
+# The UNet weights diffusers loads from a folder when no variant is asked for: one file, or shards.
+_UNET_WEIGHTS = re.compile(r"^diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors$")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype a model's UNet weights are stored in (`model_path`'s folder or single file), read
+    from a safetensors header: what its edits are written in by default, so that an edit of an
+    fp16 release is fp16 whatever dtype the erasure computed in. float32 when it cannot be told."""
+    import safetensors
+
+    if path.is_dir():
+        files = sorted(p for p in (path / "unet").glob("*.safetensors") if _UNET_WEIGHTS.match(p.name))
+        prefix = ""
+    else:
+        files, prefix = [path], "model.diffusion_model."
+    for file in files[:1]:
+        with safetensors.safe_open(str(file), framework="pt") as reader:
+            for key in reader.keys():
+                dtype = _SAFETENSORS_DTYPES.get(reader.get_slice(key).get_dtype()) if key.startswith(prefix) else None
+                if dtype is not None:
+                    return dtype
+    return torch.float32
 
 
 def _pipeline_folder(path: Path) -> Path:
