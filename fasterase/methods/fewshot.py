@@ -134,6 +134,9 @@ class FewShot(Method):
 
         with trainable(params):
             run_steps(step, cfg.steps, cfg.log_every, progress)
+        # Tensors no loss depends on are left as they were, and not written (a text encoder's last
+        # layer where the UNet reads the penultimate one's states, as SDXL's does of its first).
+        params = optimization.reached_by_loss(params)
         tensors = {}
         for name in encoders:
             tensors |= changed_tensors(name, {n: p for (encoder, n), p in params.items() if encoder == name})

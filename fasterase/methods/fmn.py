@@ -153,7 +153,9 @@ class ForgetMeNot(Method):
 
         with trainable(params), capture_processors(unet, capture, cfg.op_backend("cross_attention")):
             run_steps(step, cfg.steps, cfg.log_every, progress)
-        return ErasureResult(tensors=changed_tensors("unet", params))
+        # The loss is made of attention probabilities: the last cross-attention layer's value
+        # projection reaches none of them, and is left as it was (and not written).
+        return ErasureResult(tensors=changed_tensors("unet", optimization.reached_by_loss(params)))
 
     @staticmethod
     def _invert(pipe, cfg: FMNConfig, images: ConceptImages, inverted: InvertedTokens, progress: Progress | None) -> None:

@@ -109,6 +109,11 @@ class Optimization:
         self.params = list(params)
         self.optimizer = optimizer(self.params, fused=True, **options) if cuda else optimizer(self.params, **options)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cuda and dtype == "float16")
+        self.reached: set[int] = set()  # ids of the tensors a loss has reached (that have had a gradient)
+
+    def reached_by_loss(self, params: dict) -> dict:
+        """Those of `params` that some step's loss depended on: the others are left as they were."""
+        return {name: p for name, p in params.items() if id(p) in self.reached}
 
     def step(self, loss: torch.Tensor, only_own: bool = False) -> None:
         """One update on `loss`. With only_own, the gradients of this optimizer's tensors alone are
@@ -120,6 +125,7 @@ class Optimization:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             scaled.backward()
+        self.reached.update(id(p) for p in self.params if p.grad is not None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
