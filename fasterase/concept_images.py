@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MethodConfig, option
 from .errors import UserError
-from .evaluation.sampling import SamplingConfig, generate
+from .evaluation.sampling import SamplingConfig, generate_chunks
 from .models.family import image_size
 
 
@@ -118,8 +118,9 @@ def concept_images(
     if images:
         return _from_folders(pipe, concepts, Path(images).expanduser(), Path(masks).expanduser() if masks else None)
     prompts = [templates[i % len(templates)].format(concept) for concept in concepts for i in range(count)]
-    pixels = torch.from_numpy(generate(pipe, prompts, sampling)).permute(0, 3, 1, 2)
-    return ConceptImages(encode_images(pipe, pixels), torch.arange(len(concepts)).repeat_interleave(count).to(pipe.device))
+    # Each chunk of drawn images is encoded before the next is drawn: only latents are kept.
+    latents = [encode_images(pipe, torch.from_numpy(pixels).permute(0, 3, 1, 2)) for pixels in generate_chunks(pipe, prompts, sampling)]
+    return ConceptImages(torch.cat(latents), torch.arange(len(concepts)).repeat_interleave(count).to(pipe.device))
 
 
 @torch.no_grad()
@@ -127,10 +128,19 @@ def encode_images(pipe, pixels: torch.Tensor, batch_size: int = 16) -> torch.Ten
     """VAE latents (N, C, h, w) of images (N, 3, H, W) in [0, 1]: the posterior means, scaled."""
     vae = pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = [
-        vae.encode(pixels[i : i + batch_size].to(pipe.device, vae.dtype) * 2 - 1).latent_dist.mean
-        for i in range(0, pixels.shape[0], batch_size)
-    ]
+    # A VAE whose config asks for it runs in float32 (SDXL's overflows in float16), as the
+    # pipelines decode with it, and goes back to its dtype after.
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = [
+            vae.encode(pixels[i : i + batch_size].to(pipe.device, vae.dtype) * 2 - 1).latent_dist.mean
+            for i in range(0, pixels.shape[0], batch_size)
+        ]
+    finally:
+        vae.to(dtype)
     return ((torch.cat(latents) - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
 
 

@@ -65,7 +65,10 @@ def test_every_method_erases_on_every_family(family_pipeline_dir, method, tmp_pa
     assert all(TRAINABLE[method](*name.split(".", 1)) for name in changed), sorted(changed)[:3]
     if family_of(base) is FAMILIES["sdxl"] and method == "fewshot":
         assert {name.split(".")[0] for name in changed} == {"text_encoder", "text_encoder_2"}, "both encoders by default"
-    grid = api.generate(["a circle"], model=family_pipeline_dir, edit=summary.edit, n=1, out=tmp_path / "grid.png", sampling=SamplingConfig(steps=2))
+    # with KPOP's key too: its prompt lives in the family's text-state space
+    grid = api.generate(
+        ["a circle"], model=family_pipeline_dir, edit=summary.edit, key=summary.key, n=1, out=tmp_path / "grid.png", sampling=SamplingConfig(steps=2)
+    )
     assert grid.is_file()
 
 

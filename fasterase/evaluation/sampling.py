@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,16 +36,21 @@ def chunk_size(pipe, requested: int = 0) -> int:
     return requested or max(1, min(MAX_CHUNK, LATENT_PIXELS_PER_CHUNK // pipe.unet.config.sample_size**2))
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), progress=None) -> np.ndarray:
-    """Images (N, H, W, 3) float32 in [0, 1], one per prompt.
+    """Images (N, H, W, 3) float32 in [0, 1], one per prompt (see `generate_chunks`)."""
+    return np.concatenate(list(generate_chunks(pipe, prompts, cfg, progress)))
+
+
+@torch.no_grad()
+def generate_chunks(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), progress=None) -> Iterator[np.ndarray]:
+    """The images of the prompts, (n, H, W, 3) float32 in [0, 1], a chunk at a time, so that a
+    caller that keeps less than the pixels (latents, judgements) never holds them all.
 
     Chunk i (of `chunk_size(pipe, cfg.batch_size)` prompts) draws its noise from seed + i, so a
     prompt list gives the same images whatever else runs, and an edited model is compared with its
     base on the same noise.
     """
     pipe.set_progress_bar_config(disable=True)
-    images = []
     size = chunk_size(pipe, cfg.batch_size)
     for i, start in enumerate(range(0, len(prompts), size)):
         chunk = prompts[start : start + size]
@@ -60,7 +66,6 @@ def generate(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), p
             guidance_scale=cfg.guidance,
             output_type="np",
         )
-        images.append(np.asarray(out.images, dtype=np.float32))
         if progress is not None:
             progress(len(chunk))
-    return np.concatenate(images)
+        yield np.asarray(out.images, dtype=np.float32)
