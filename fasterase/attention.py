@@ -43,7 +43,8 @@ class LearnedPrompt(nn.Module):
         if mode not in ("concat", "additive"):
             raise ValueError(f"prompt mode must be 'concat' or 'additive', not {mode!r}")
         self.mode = mode
-        self.tokens = nn.Parameter(torch.zeros(length, dim) if init is None else init.clone())
+        # float32 whatever the model's dtype: trained, it is its own master copy
+        self.tokens = nn.Parameter(torch.zeros(length, dim) if init is None else init.to(torch.float32, copy=True))
         # Items [active_from:] of a batch see the prompt; None switches it off. A Python int, so a
         # step that mixes items with and without the prompt keeps static shapes and no host sync.
         self.active_from: int | None = None

@@ -176,3 +176,30 @@ def test_a_non_finite_loss_stops_the_run_and_writes_nothing(tiny_pipeline_dir, t
         api.erase("esd", ["circle"], model=tiny_pipeline_dir, out=out, **options)
     assert "\n" not in str(err.value) and "--bf16" in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", list(TINY))
+def test_half_precision_trains_float32_masters(family_pipeline_dirs, method, monkeypatch):
+    """What --bf16 does on a GPU, run on the CPU (autocast works there too): the frozen weights
+    stay bfloat16, the trained tensors and their optimizer state are float32 while training, and
+    the model is in its own dtype again afterwards."""
+    from fasterase.config import make_config
+    from fasterase.methods import get_method
+    from fasterase.methods.training import Optimization
+
+    step = Optimization.step
+    dtypes = set()
+
+    def recorded(self, loss, only_own=False):
+        step(self, loss, only_own)
+        dtypes.update(p.dtype for p in self.params)
+        dtypes.update(v.dtype for state in self.optimizer.state.values() for v in state.values() if v.is_floating_point() and v.dim())
+
+    monkeypatch.setattr(Optimization, "step", recorded)
+    pipe = load_pipeline(family_pipeline_dirs("sdxl"), dtype="bfloat16")
+    method_class = get_method(method)
+    cfg = make_config(method_class.config_class, {"concepts": ["circle", "square"], "dtype": "bfloat16", **TINY[method]})
+    result = method_class().erase(pipe, cfg)
+    assert dtypes <= {torch.float32} and (dtypes or method == "uce")
+    assert all(torch.isfinite(t).all() for t in result.tensors.values())
+    assert {p.dtype for name in family_of(pipe).components() for p in getattr(pipe, name).parameters()} == {torch.bfloat16}

@@ -72,8 +72,9 @@ def guided_away(neutral: torch.Tensor, concept: torch.Tensor, eta: float) -> tor
 
 
 def autocast(device: torch.device, dtype: str):
-    """Mixed precision on a GPU when a lower dtype is asked for; float32 elsewhere."""
-    if dtype != "float32" and device.type == "cuda":
+    """Mixed precision when a lower dtype is asked for (`fasterase.erase` asks for one only on a
+    GPU); float32 otherwise."""
+    if dtype != "float32":
         return torch.autocast(device.type, dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
