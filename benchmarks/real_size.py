@@ -6,8 +6,11 @@ seconds and peak memory per method and family, written to benchmarks/results/.
 
 Nothing is downloaded: each family's pipeline is built from the released model's config with random
 weights (`fasterase.models.random_init`) into a temporary folder. Each erasure runs in a process of
-its own, so that its peak memory is its own: on a CPU the process's peak resident memory (which
-includes the loaded model, reported on its own as "load"), on a GPU the peak of torch's allocator.
+its own, so that its peak memory is its own: on a GPU the peak of torch's allocator; on a CPU the
+process's peak resident memory (with the loaded model, reported on its own as "load") and the peak
+of the memory the run allocated itself ("peak_anon_mb", sampled every 10 ms): under memory pressure
+the kernel drops pages of the memory-mapped weights from the resident set, so the first can
+understate a large model's run, and the second never counts them.
 A CPU runs float32; a GPU float32 and bfloat16 (frozen weights in that dtype, trained tensors in
 float32). The settings are the methods' defaults with the amounts of work cut to a couple of steps
 (TINY below), so the numbers show what a run holds, not how long a real erasure takes. Not part of
@@ -25,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +55,28 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class AnonymousPeak:
+    """The peak of the process's anonymous resident memory (Linux: RssAnon in /proc/self/status),
+    sampled every 10 ms in a thread while the block runs."""
+
+    def __enter__(self) -> "AnonymousPeak":
+        self.peak_kib, self._done = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.01):
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def child(folder: str, method: str, dtype: str) -> dict:
     """One measurement in this process: loading alone (method "load") or one erasure."""
     from fasterase import api
@@ -58,22 +84,30 @@ def child(folder: str, method: str, dtype: str) -> dict:
 
     device = api.default_device()
     start = time.time()
-    if method == "load":
-        pipe = load_pipeline(folder, dtype=dtype if device.type == "cuda" else "float32", device=device)
-        parameters = sum(p.numel() for name in ("unet", "text_encoder", "text_encoder_2", "vae") if getattr(pipe, name, None) is not None for p in getattr(pipe, name).parameters())
-        return {"seconds": round(time.time() - start, 2), "peak_memory_mb": round(_peak_bytes(device) / 2**20), "parameters": parameters}
-    with tempfile.TemporaryDirectory() as out:
-        summary = api.erase(method, CONCEPTS, model=folder, out=Path(out) / "edit.safetensors", dtype=dtype, **TINY[method])
-        edit_mb = sum(p.stat().st_size for p in Path(out).iterdir()) / 2**20
-    return {
-        "seconds": round(time.time() - start, 2), "erase_seconds": round(summary.seconds, 2),
-        "peak_memory_mb": round(summary.peak_memory_bytes / 2**20), "edit_mb": round(edit_mb, 1),
-    }
+    with AnonymousPeak() as anonymous:
+        if method == "load":
+            pipe = load_pipeline(folder, dtype=dtype if device.type == "cuda" else "float32", device=device)
+            parameters = sum(
+                p.numel() for name in ("unet", "text_encoder", "text_encoder_2", "vae") if getattr(pipe, name, None) is not None
+                for p in getattr(pipe, name).parameters()
+            )
+            row = {"seconds": round(time.time() - start, 2), "peak_memory_mb": round(_peak_bytes(device) / 2**20), "parameters": parameters}
+        else:
+            with tempfile.TemporaryDirectory() as out:
+                summary = api.erase(method, CONCEPTS, model=folder, out=Path(out) / "edit.safetensors", dtype=dtype, **TINY[method])
+                edit_mb = sum(p.stat().st_size for p in Path(out).iterdir()) / 2**20
+            row = {
+                "seconds": round(time.time() - start, 2), "erase_seconds": round(summary.seconds, 2),
+                "peak_memory_mb": round(summary.peak_memory_bytes / 2**20), "edit_mb": round(edit_mb, 1),
+            }
+    return row | ({"peak_anon_mb": round(anonymous.peak_kib / 1024)} if device.type == "cpu" else {})
 
 
 def measure(folder: Path, method: str, dtype: str) -> dict:
     """`child` in a fresh process; a process that fails (out of memory, say) is recorded with why."""
     run = subprocess.run([sys.executable, __file__, "--child", str(folder), method, dtype], capture_output=True, text=True)
+    if run.returncode < 0:
+        return {"failed": f"killed by signal {-run.returncode}" + (" (out of memory)" if run.returncode == -9 else "")}
     if run.returncode != 0:
         lines = (run.stderr or "").strip().splitlines()
         return {"failed": f"exit status {run.returncode}" + (f": {lines[-1]}" if lines else "")}

@@ -203,3 +203,22 @@ def test_half_precision_trains_float32_masters(family_pipeline_dirs, method, mon
     assert dtypes <= {torch.float32} and (dtypes or method == "uce")
     assert all(torch.isfinite(t).all() for t in result.tensors.values())
     assert {p.dtype for name in family_of(pipe).components() for p in getattr(pipe, name).parameters()} == {torch.bfloat16}
+
+
+def test_sampling_is_chunked_by_sample_batch(tiny_pipeline_dir, monkeypatch, tmp_path):
+    """Images and trajectories are drawn `sample_batch` prompts at a time, however many concepts
+    and images there are, so the peak of drawing does not grow with them."""
+    import diffusers
+
+    from fasterase.methods import trajectories
+
+    drawn, sampled = [], []
+    draw = diffusers.StableDiffusionPipeline.__call__
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "__call__", lambda self, prompt, **kw: drawn.append(len(prompt)) or draw(self, prompt, **kw))
+    step = trajectories.denoise
+    monkeypatch.setattr(trajectories, "denoise", lambda unet, x, *args: sampled.append(len(x)) or step(unet, x, *args))
+    concepts = ["circle", "square", "star"]
+    api.erase("fmn", concepts, model=tiny_pipeline_dir, out=tmp_path / "f.safetensors", sample_batch=2, **{**TINY["fmn"], "image_count": 3})
+    assert sorted(drawn) == [1] + [2] * 4
+    api.erase("esd", concepts, model=tiny_pipeline_dir, out=tmp_path / "e.safetensors", sample_batch=2, **{**TINY["esd"], "trajectories": 3})
+    assert sampled and max(sampled) == 2 * 2, "a chunk of 2 prompts, doubled for guidance"
