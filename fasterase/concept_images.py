@@ -128,10 +128,9 @@ def encode_images(pipe, pixels: torch.Tensor, batch_size: int = 16) -> torch.Ten
     """VAE latents (N, C, h, w) of images (N, 3, H, W) in [0, 1]: the posterior means, scaled."""
     vae = pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    # A VAE whose config asks for it runs in float32 (SDXL's overflows in float16), as the
-    # pipelines decode with it, and goes back to its dtype after.
-    dtype = vae.dtype
-    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    # A float16 VAE whose config asks for it runs in float32 (SDXL's overflows in float16), as
+    # the pipelines decode with it, and goes back to float16 after.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
         vae.to(torch.float32)
     try:
@@ -140,7 +139,8 @@ def encode_images(pipe, pixels: torch.Tensor, batch_size: int = 16) -> torch.Ten
             for i in range(0, pixels.shape[0], batch_size)
         ]
     finally:
-        vae.to(dtype)
+        if upcast:
+            vae.to(torch.float16)
     return ((torch.cat(latents) - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
 
 
