@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .attention import backend_processors
-from .config import make_config, preset as load_preset, read_yaml
+from .config import make_config, preset as load_preset, read_yaml, shown
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key
 from .errors import UserError
 from .evaluation.grid import grid_image, save_png
@@ -43,6 +43,16 @@ def ensure_writable(path: Path) -> Path:
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write {path}: folder {folder} is not writable")
     return path
+
+
+def strings(name: str, value, *, optional: bool = False) -> list[str] | None:
+    """`value` as a list of strings, or a one-line UserError naming the argument: a str is
+    refused, not read as the list of its characters."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{name} must be a list of strings, not {shown(value)}")
+    return list(value)
 
 
 def key_path_for(edit_path: Path) -> Path:
@@ -87,6 +97,9 @@ def erase(
     With dtype float16 or bfloat16 on a GPU the frozen weights are loaded in that dtype; on a CPU
     the run computes in float32 and says so. The edit's tensors are written in the base model's
     stored dtype (`edit_dtype` chooses another)."""
+    if not isinstance(method, str):
+        raise UserError(f"method must be a method's name, not {shown(method)}")
+    concepts = strings("concepts", concepts, optional=True)
     method_class = get_method(method)
     layers = [load_preset(method, preset)] if preset else []
     if config is not None:
@@ -139,6 +152,12 @@ def check_finite(result) -> None:
         raise UserError(f"the erasure produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}); with --fp16 try --bf16 or float32, else a lower learning rate; nothing was written")
 
 
+def check_count(name: str, value) -> None:
+    """A UserError unless `value` is an int of at least 1 (a number of images)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a whole number of at least 1, not {shown(value)}")
+
+
 def _slug(concepts: list[str]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(concepts).lower()).strip("-")[:60] or "concepts"
 
@@ -175,6 +194,8 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
 ) -> Path:
     """Samples n images per prompt and writes them as a grid, one row per prompt."""
+    prompts = strings("prompts", prompts)
+    check_count("n", n)
     out = ensure_writable(Path(out))
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprint(pipe)
@@ -244,6 +265,11 @@ def compare(
     prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
     edit, each with its "edit" path and "method"}. Without `concepts`, the edits' own (they must
     agree)."""
+    if isinstance(edits, (str, Path)):
+        raise UserError(f"edits must be a list of edit files, not {shown(edits)}")
+    concepts = strings("concepts", concepts, optional=True)
+    preserve = strings("preserve", preserve, optional=True)
+    check_count("n", n)
     loaded = [load_edit(e) for e in edits]
     if not loaded:
         raise UserError("compare needs at least one edit")
@@ -270,10 +296,10 @@ def compare(
         results.append({**report(plan, original, recognition(judge, edited_images)), "edit": str(path), "method": e.metadata.method})
         rows.append((e.metadata.method, edited_images))
     if grid is not None:
-        shown = plan.erased + plan.lookalikes + plan.preserved[:3]
+        pictured = plan.erased + plan.lookalikes + plan.preserved[:3]
         columns = [("original", original_images)] + rows
-        grid_rows = [np.concatenate([images[c][:6 if len(columns) == 2 else 3] for _, images in columns]) for c in shown]
-        save_png(grid_image(grid_rows, [f"{c} ({' | '.join(name for name, _ in columns)})" for c in shown]), grid)
+        grid_rows = [np.concatenate([images[c][:6 if len(columns) == 2 else 3] for _, images in columns]) for c in pictured]
+        save_png(grid_image(grid_rows, [f"{c} ({' | '.join(name for name, _ in columns)})" for c in pictured]), grid)
         for result in results:
             result["grid"] = str(grid)
     return {"original": results[0]["original"], "edits": results}

@@ -33,7 +33,7 @@ class ImageMethodConfig(MethodConfig):
 
     images: str = option("", "a folder of the concepts' images (one subfolder per concept when there are several); '' draws them with the base model")
     masks: str = option("", "a folder of masks named like the images (white: the concept); needs images")
-    sample_steps: int = option(25, "DDIM steps of the images the base model draws")
+    sample_steps: int = option(25, "DDIM steps of the images the base model draws", at_least=1)
     guidance: float = option(5.0, "classifier-free guidance of the images the base model draws")
 
     def sampling(self) -> SamplingConfig:
@@ -42,8 +42,6 @@ class ImageMethodConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sample_steps < 1:
-            raise UserError(f"sample_steps must be at least 1, not {self.sample_steps}")
         if self.masks and not self.images:
             raise UserError("masks need the images they belong to: give images as well")
         for name in ("images", "masks"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -14,13 +15,68 @@ from .errors import UserError
 from .kernels import BACKEND_NAMES, backend_for
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# No count, step, size or seed is larger: beyond, torch's generators and tensor shapes overflow.
+INT_LIMIT = 2**31 - 1
 
 
-def option(default, help: str):
-    """A dataclass field with help text; lists get a fresh copy per instance."""
+def option(default, help: str, *, at_least: float = 0, positive: bool = False):
+    """A dataclass field with help text and, for a number, its range: finite, at least `at_least`
+    (0 unless said), above 0 when `positive`, and for an int at most INT_LIMIT (see
+    `check_options`). Lists get a fresh copy per instance. A subclass that declares an option again
+    (for another default) gives its range again."""
+    metadata = {"help": help, "at_least": at_least, "positive": positive}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def check_options(cfg) -> None:
+    """A one-line UserError for the first option of `cfg` of the wrong type or out of its range,
+    before anything runs: lists are lists of strings, a bool is no number, an int is a fine float
+    (and becomes one), a float is no int, and every number is finite and within its option's range."""
+    for f in dataclasses.fields(cfg):
+        value, expected = getattr(cfg, f.name), _default(f)
+        if isinstance(expected, list):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(f"option {f.name!r} must be a list of strings, not {shown(value)}")
+            continue
+        # An int is a fine float; a float is not an int, and a bool is neither.
+        allowed = (int, float) if isinstance(expected, float) else type(expected)
+        if isinstance(value, bool) != isinstance(expected, bool) or not isinstance(value, allowed):
+            kind = type(expected).__name__
+            raise UserError(f"option {f.name!r} must be {'an' if kind == 'int' else 'a'} {kind}, not {shown(value)}")
+        if isinstance(expected, bool) or not isinstance(expected, (int, float)):
+            continue
+        if isinstance(expected, float):
+            value = float(value)
+            object.__setattr__(cfg, f.name, value)  # frozen configs (SamplingConfig) too
+        low, positive = f.metadata["at_least"], f.metadata["positive"]
+        if not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, not {value}")
+        if value < low or (positive and value <= 0):
+            raise UserError(f"{f.name} must be {'positive' if positive else f'at least {low}'}, not {value}")
+        if isinstance(value, int) and value > INT_LIMIT:
+            raise UserError(f"{f.name} must be at most {INT_LIMIT}, not {value}")
+
+
+def shown(value, limit: int = 40) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_template(template: str) -> None:
+    """A prompt template has exactly one {} where the concept goes, and no other field."""
+    try:
+        valid = template.count("{}") == 1 and template.format("x") == template.replace("{}", "x")
+    except (IndexError, KeyError, ValueError):
+        valid = False
+    if not valid:
+        raise UserError(f"template {shown(template)} must contain exactly one {{}} where the concept goes, and no other braces")
 
 
 def check_choice(name: str, value: Any, choices) -> None:
@@ -35,7 +91,7 @@ class MethodConfig:
 
     concepts: list[str] = option([], "concepts to erase")
     preserve: list[str] = option([], "concepts whose generation must not change")
-    steps: int = option(100, "training steps")
+    steps: int = option(100, "training steps", at_least=1)
     seed: int = option(0, "random seed of sampling and training")
     backend: str = option("auto", "kernel backend: auto, torch, triton or cuda (ops not written in it run torch)")
     dtype: str = option("float32", "compute dtype on a GPU: float32, float16 or bfloat16 (the frozen weights are loaded in it; trained tensors keep float32 masters)")
@@ -47,21 +103,17 @@ class MethodConfig:
     )
 
     def __post_init__(self):
+        check_options(self)
         for name in ("concepts", "preserve"):
-            values = getattr(self, name)
-            if isinstance(values, str) or not all(isinstance(v, str) for v in values):
-                raise UserError(f"{name} must be a list of strings")
-            if any(not v.strip() for v in values):
+            if any(not v.strip() for v in getattr(self, name)):
                 raise UserError(f"{name} must not contain an empty concept")
-        if self.steps < 1:
-            raise UserError(f"steps must be at least 1, not {self.steps}")
-        if self.sample_batch < 0:
-            raise UserError(f"sample_batch must be at least 0, not {self.sample_batch}")
         check_choice("backend", self.backend, ("auto", *BACKEND_NAMES))
         check_choice("dtype", self.dtype, DTYPE_NAMES)
         check_choice("edit_dtype", self.edit_dtype, ("base", *DTYPE_NAMES))
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise UserError("every template must contain {} where the concept goes")
+        if not self.templates:
+            raise UserError("templates must hold at least one template")
+        for template in self.templates:
+            check_template(template)
 
     def op_backend(self, op: str) -> str:
         """The backend `op` runs on in this run: `backend` where `op` is written in it, else the
@@ -80,8 +132,6 @@ class MethodConfig:
 def per_concept(name: str, values: list[str], concepts: list[str]) -> list[str]:
     """An option that names concepts (a guide, a mapping), given once for every erased concept or
     once per concept, as one entry per concept; a one-line UserError otherwise."""
-    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
-        raise UserError(f"{name} must be a list of strings")
     if len(values) != 1 and len(values) != len(concepts):
         raise UserError(f"{name} must name one concept for all or one per erased concept ({len(concepts)}), not {len(values)}")
     return values * len(concepts) if len(values) == 1 else list(values)
@@ -123,12 +173,4 @@ def make_config(config_class: type[MethodConfig], *layers: dict[str, Any]):
             if key not in known:
                 raise UserError(f"unknown option {key!r}; known options: {', '.join(known)}")
             merged[key] = value
-    for key, value in merged.items():
-        expected = known[key].default if known[key].default is not dataclasses.MISSING else known[key].default_factory()
-        # An int is a fine float; a float is not an int, and a bool is neither.
-        allowed = (int, float) if isinstance(expected, float) else type(expected)
-        if isinstance(value, bool) != isinstance(expected, bool) or not isinstance(value, allowed):
-            raise UserError(f"option {key!r} must be a {type(expected).__name__}, not {value!r}")
-        if isinstance(expected, float) and isinstance(value, int):
-            merged[key] = float(value)
     return config_class(**merged)

@@ -181,3 +181,68 @@ def test_unknown_preset():
         preset("kpop", "nope")
     message = one_line(err)
     assert "nope" in message and "known" in message
+
+
+def every_config_class():
+    from fasterase.methods import METHODS
+
+    return [method.config_class for method in METHODS.values()]
+
+
+def test_redeclared_options_keep_their_range():
+    """A method that declares an option again (for its own default) gives its range again."""
+    for config_class in every_config_class():
+        for f in dataclasses.fields(config_class):
+            for base in config_class.__mro__[1:]:
+                inherited = {g.name: g for g in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else {}
+                if f.name in inherited:
+                    assert f.metadata == {**inherited[f.name].metadata, "help": f.metadata["help"]}, (config_class.__name__, f.name)
+
+
+@pytest.mark.parametrize("template", ["a {} and a {}", "a {name}", "a {0}", "a {", "a }{"])
+def test_templates_hold_exactly_one_field(template):
+    with pytest.raises(UserError, match="must contain exactly one") as err:
+        make_config(KPOPConfig, {"templates": [template]})
+    one_line(err)
+
+
+def bad_values(f: dataclasses.Field):
+    """Values of the wrong type, sign or finiteness for the option `f`."""
+    from hypothesis import strategies as st
+
+    expected = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    wrong_type = st.one_of(st.text(max_size=5), st.lists(st.integers(), min_size=1, max_size=2), st.none(), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+    if isinstance(expected, bool):
+        return st.one_of(wrong_type, st.integers(), st.floats())
+    if isinstance(expected, (int, float)):
+        low = f.metadata["at_least"]
+        below = st.floats(max_value=low, exclude_max=not f.metadata["positive"], allow_nan=False) if isinstance(expected, float) else st.integers(max_value=int(low) - 1)
+        strategies = [wrong_type, st.booleans(), below, st.sampled_from([float("nan"), float("inf"), float("-inf")])]
+        if isinstance(expected, int):
+            strategies += [st.floats(), st.integers(min_value=2**31)]  # a float is no int; past INT_LIMIT
+        return st.one_of(*strategies)
+    if isinstance(expected, list):
+        return st.one_of(st.text(max_size=5), st.lists(st.one_of(st.integers(), st.none()), min_size=1, max_size=2), st.integers())
+    return st.one_of(st.integers(), st.floats(), st.lists(st.text(max_size=2), max_size=2), st.none())
+
+
+def test_every_bad_option_value_is_refused_in_one_line(monkeypatch):
+    """A property over every option of every method: a value of the wrong type, sign or
+    finiteness is a one-line UserError from the config layer alone, before any model loads."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import fasterase.models.loading
+
+    monkeypatch.setattr(fasterase.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    fields = [(c, f) for c in every_config_class() for f in dataclasses.fields(c)]
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(st.sampled_from(fields).flatmap(lambda cf: st.tuples(st.just(cf), bad_values(cf[1]))))
+    def check(case):
+        (config_class, f), value = case
+        with pytest.raises(UserError) as err:
+            make_config(config_class, {"concepts": ["circle"], f.name: value})
+        one_line(err)
+
+    check()

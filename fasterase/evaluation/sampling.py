@@ -8,19 +8,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..config import check_options, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # hashable: it keys the cache of a base model's evaluation images
 class SamplingConfig:
-    steps: int = 25
-    guidance: float = 5.0
-    batch_size: int = 0  # prompts drawn at a time; 0: `chunk_size`'s default for the model
-    seed: int = 0
+    steps: int = option(25, "denoising steps per image", at_least=1)
+    guidance: float = option(5.0, "classifier-free guidance scale")
+    batch_size: int = option(0, "prompts drawn at a time; 0: `chunk_size`'s default for the model")
+    seed: int = option(0, "seed of the first chunk's noise")
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 0:
-            raise UserError(f"sampling needs at least 1 step and a sample batch of at least 0 (0: by image size), not {self.steps} and {self.batch_size}")
+        check_options(self)
 
 
 # Latent pixels drawn at a time by default: 64 images on the built-in world (8x8 latents) and at

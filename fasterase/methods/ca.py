@@ -34,7 +34,7 @@ class CAConfig(TrajectoryConfig):
     # ("dog" for "grumpy cat", "painting" for a style), which only the user can name.
     anchor: str = option("", "the concept whose outputs the erased concepts' prompts are mapped to; '' is the empty prompt")
     trainable: str = option("cross_attention_kv", "cross_attention_kv (the paper's default) or cross_attention")
-    lr: float = option(1e-3, "Adam learning rate (the paper's is 1.6e-5 for SD; preset sd14)")
+    lr: float = option(1e-3, "Adam learning rate (the paper's is 1.6e-5 for SD; preset sd14)", positive=True)
 
     def prompt_concepts(self) -> list[str]:
         return super().prompt_concepts() + ([self.anchor] if self.anchor else [])

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check_choice, option
-from ..errors import UserError
 from ..models.family import encode
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
@@ -42,14 +41,12 @@ class ESDConfig(TrajectoryConfig):
         "parameters trained, by the paper's names: x (cross-attention), x-strict (cross-attention "
         "keys and values), u (all but cross-attention; for concepts such as nudity) or all",
     )
-    lr: float = option(1e-3, "Adam learning rate (the paper's 1e-5 is for SD; preset sd14)")
+    lr: float = option(1e-3, "Adam learning rate (the paper's 1e-5 is for SD; preset sd14)", positive=True)
     guidance: float = option(3.0, "classifier-free guidance of the trajectories (the paper's start guidance)")
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("trainable", self.trainable, TRAINABLE_SETS)
-        if self.negative_guidance < 0:
-            raise UserError(f"negative_guidance must be at least 0, not {self.negative_guidance}")
 
 
 @register

@@ -59,25 +59,20 @@ def select_text_encoder_parameters(text_encoder: nn.Module, which: str) -> dict[
 
 @dataclass
 class FewShotConfig(ImageMethodConfig):
-    steps: int = option(10, "Adam steps of gradient ascent: the stopping point, since ascent has no optimum")
-    lr: float = option(1e-4, "Adam learning rate (the paper's 1e-5 is for SD; preset sd14)")
+    steps: int = option(10, "Adam steps of gradient ascent: the stopping point, since ascent has no optimum", at_least=1)
+    lr: float = option(1e-4, "Adam learning rate (the paper's 1e-5 is for SD; preset sd14)", positive=True)
     trainable: str = option("mlp_last_attention", f"text-encoder parameters to update: {', '.join(TEXT_ENCODER_SETS)}")
-    image_count: int = option(4, "images per concept the base model draws when no folder is given")
-    batch_size: int = option(4, "images of every concept per step, each with its own prompt, noise and timestep")
+    image_count: int = option(4, "images per concept the base model draws when no folder is given", at_least=1)
+    batch_size: int = option(4, "images of every concept per step, each with its own prompt, noise and timestep", at_least=1)
     text_encoders: list[str] = option([], f"text encoders to update, of {', '.join(TEXT_ENCODERS)}; [] for every one the model has (both on SDXL)")
     preserve_weight: float = option(1.0, "weight of keeping the preserved concepts' text-encoder states (if any)")
-    log_every: int = option(5, "steps between progress reports (each reads the loss off the device)")
+    log_every: int = option(5, "steps between progress reports (each reads the loss off the device)", at_least=1)
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("trainable", self.trainable, TEXT_ENCODER_SETS)
-        if self.lr <= 0:
-            raise UserError(f"lr must be positive, not {self.lr}")
         for name in self.text_encoders:
             check_choice("text_encoders", name, TEXT_ENCODERS)
-        for name in ("image_count", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1")
 
 
 @register

@@ -37,27 +37,22 @@ from .training import Optimization, autocast, changed_tensors, run_steps, traina
 
 @dataclass
 class FMNConfig(ImageMethodConfig):
-    steps: int = option(35, "re-steering steps")
-    lr: float = option(3e-4, "AdamW learning rate (the paper's 2e-6 is for SD; preset sd14)")
+    steps: int = option(35, "re-steering steps", at_least=1)
+    lr: float = option(3e-4, "AdamW learning rate (the paper's 2e-6 is for SD; preset sd14)", positive=True)
     # On the built-in world, training the whole UNet or all of cross-attention to ignore the
     # padding erased every shape with the circle; the key/value projections alone erase it only.
     trainable: str = option("cross_attention_kv", f"UNet parameters to train: {', '.join(PARAMETER_SETS)} (the reference: all)")
     include_end: bool = option(True, "also re-steer the end-of-text positions (on SD1.x: the padding too)")
-    batch_size: int = option(4, "items (image, prompt, timestep) of each concept per step")
-    image_count: int = option(8, "images per concept drawn by the base model when no folder is given")
+    batch_size: int = option(4, "items (image, prompt, timestep) of each concept per step", at_least=1)
+    image_count: int = option(8, "images per concept drawn by the base model when no folder is given", at_least=1)
     inversion_steps: int = option(0, "textual-inversion steps before re-steering (0: target the concept's own tokens)")
-    inversion_tokens: int = option(1, "learnt token vectors per concept")
-    inversion_lr: float = option(5e-3, "Adam learning rate of textual inversion")
-    log_every: int = option(5, "steps between progress reports (each reads the loss off the device)")
+    inversion_tokens: int = option(1, "learnt token vectors per concept", at_least=1)
+    inversion_lr: float = option(5e-3, "Adam learning rate of textual inversion", positive=True)
+    log_every: int = option(5, "steps between progress reports (each reads the loss off the device)", at_least=1)
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("trainable", self.trainable, PARAMETER_SETS)
-        for name in ("batch_size", "image_count", "inversion_tokens", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1")
-        if self.inversion_steps < 0:
-            raise UserError("inversion_steps must be at least 0")
 
 
 class InvertedTokens(nn.Module):

@@ -32,7 +32,6 @@ from torch import nn
 
 from ..attention import INJECTION_SITES, LearnedPrompt, prompt_processors
 from ..config import check_choice, option
-from ..errors import UserError
 from ..evaluation.sampling import chunk_size
 from ..models.family import denoise, encode
 from . import ErasureResult, Method, Progress, register
@@ -48,10 +47,10 @@ TRAINABLE_SETS = ("cross_attention", "cross_attention_kv", "non_cross_attention"
 
 @dataclass
 class KPOPConfig(TrajectoryConfig):
-    steps: int = option(150, "iterations (one transfer and one removal update each)")
+    steps: int = option(150, "iterations (one transfer and one removal update each)", at_least=1)
     neutral: str = option("", "the concept the erased one is mapped to; '' is the empty prompt")
     prompt_mode: str = option("concat", "'concat' (prompt tokens appended to the text keys) or 'additive'")
-    prompt_length: int = option(10, "concat prompt length in multiples of the text context (k: k x 77 tokens)")
+    prompt_length: int = option(10, "concat prompt length in multiples of the text context (k: k x 77 tokens)", at_least=1)
     # The paper injects in SD's mid block (8x8x1280; preset sd14). The built-in world's mid block is
     # 2x2x128: a prompt there recovered only 25-69% of the erased shape, against 88% from all layers.
     inject: str = option("all", "cross-attention layers that see the prompt: mid, mid_up or all")
@@ -59,8 +58,8 @@ class KPOPConfig(TrajectoryConfig):
     prompt_weight: float = option(0.1, "lambda: weight of keeping the concept with the prompt, in the removal step")
     negative_guidance: float = option(0.5, "eta: the removal target is eps(c_n) - eta (eps(c_e) - eps(c_n)), past the neutral prompt away from the concept (see above); 0 is the paper's")
     neutral_weight: float = option(0.0, "weight of keeping the neutral prompt's own prediction in the removal step")
-    lr: float = option(2e-3, "Adam learning rate of the model (the paper's 1e-5 is for SD; preset sd14)")
-    prompt_lr: float = option(1e-2, "Adam learning rate of the prompt")
+    lr: float = option(2e-3, "Adam learning rate of the model (the paper's 1e-5 is for SD; preset sd14)", positive=True)
+    prompt_lr: float = option(1e-2, "Adam learning rate of the prompt", positive=True)
 
     def prompt_concepts(self) -> list[str]:
         return super().prompt_concepts() + ([self.neutral] if self.neutral else [])
@@ -70,10 +69,6 @@ class KPOPConfig(TrajectoryConfig):
         check_choice("prompt_mode", self.prompt_mode, ("concat", "additive"))
         check_choice("inject", self.inject, INJECTION_SITES)
         check_choice("trainable", self.trainable, TRAINABLE_SETS)
-        if self.negative_guidance < 0:
-            raise UserError(f"negative_guidance must be at least 0, not {self.negative_guidance}")
-        if self.prompt_length < 1:
-            raise UserError("prompt_length must be at least 1")
 
 
 @register

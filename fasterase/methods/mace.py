@@ -61,20 +61,20 @@ from .training import Optimization, autocast, run_steps, trainable
 
 @dataclass
 class MACEConfig(ImageMethodConfig):
-    steps: int = option(50, "LoRA training steps; each step carries every concept")
+    steps: int = option(50, "LoRA training steps; each step carries every concept", at_least=1)
     mapping: list[str] = option(
         [""], "what each concept's prompt tokens are mapped to in the refinement: one concept for all or one per concept; '' is nothing (the template's other words)"
     )
-    lam: float = option(0.5, "lambda: pull of every projection towards its current weights (refinement and fusion)")
+    lam: float = option(0.5, "lambda: pull of every projection towards its current weights (refinement and fusion)", positive=True)
     preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
     preserve_gram: str = option("", "a Gram of prompts to preserve, built by `fasterase cache build`; '' for none")
-    rank: int = option(1, "rank of each concept's LoRA")
-    lr: float = option(1e-3, "AdamW learning rate of the LoRAs (the paper's 1e-5 is for SD; preset sd14)")
-    batch_size: int = option(2, "items (image, prompt, timestep) of each concept per step")
-    image_count: int = option(8, "images per concept drawn by the base model when no folder is given")
+    rank: int = option(1, "rank of each concept's LoRA", at_least=1)
+    lr: float = option(1e-3, "AdamW learning rate of the LoRAs (the paper's 1e-5 is for SD; preset sd14)", positive=True)
+    batch_size: int = option(2, "items (image, prompt, timestep) of each concept per step", at_least=1)
+    image_count: int = option(8, "images per concept drawn by the base model when no folder is given", at_least=1)
     include_end: bool = option(True, "the attention loss also watches the end-of-text positions (on SD1.x: the padding too)")
     importance_sampling: bool = option(True, "draw timesteps from the concept-focal density (else uniformly)")
-    log_every: int = option(10, "steps between progress reports (each reads the loss off the device)")
+    log_every: int = option(10, "steps between progress reports (each reads the loss off the device)", at_least=1)
     save_loras: bool = option(False, "also write each concept's LoRA (diffusers load_lora_weights format); it was trained on the refined weights")
 
     def prompt_concepts(self) -> list[str]:
@@ -87,13 +87,6 @@ class MACEConfig(ImageMethodConfig):
     def __post_init__(self):
         super().__post_init__()
         self.mappings()  # refuses a mapping list that fits neither one for all nor one per concept
-        if self.lam <= 0:
-            raise UserError(f"lam must be positive, not {self.lam}")
-        if self.preserve_scale < 0:
-            raise UserError("preserve_scale must be at least 0")
-        for name in ("rank", "batch_size", "image_count", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1")
 
 
 def focal_timesteps(num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator, focal: bool = True) -> torch.Tensor:

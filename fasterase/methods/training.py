@@ -31,19 +31,13 @@ from .trajectories import TrajectoryBank, sample_trajectories
 class TrajectoryConfig(MethodConfig):
     """Options of methods that train on x_t from the frozen model's own trajectories."""
 
-    lr: float = option(1e-3, "Adam learning rate")
-    batch_size: int = option(8, "samples (x_t at any timestep) of each concept per update: a step carries every concept")
-    trajectories: int = option(16, "sampled trajectories per concept that training draws x_t from")
-    sample_steps: int = option(20, "DDIM steps of those trajectories")
+    lr: float = option(1e-3, "Adam learning rate", positive=True)
+    batch_size: int = option(8, "samples (x_t at any timestep) of each concept per update: a step carries every concept", at_least=1)
+    trajectories: int = option(16, "sampled trajectories per concept that training draws x_t from", at_least=1)
+    sample_steps: int = option(20, "DDIM steps of those trajectories", at_least=1)
     guidance: float = option(5.0, "classifier-free guidance of those trajectories")
     preserve_weight: float = option(1.0, "weight of keeping the frozen model's predictions on the preserved concepts (if any)")
-    log_every: int = option(10, "steps between progress reports (each reads the losses off the device)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("batch_size", "trajectories", "sample_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1")
+    log_every: int = option(10, "steps between progress reports (each reads the losses off the device)", at_least=1)
 
 
 def trajectory_prompts(templates: list[str], concepts: list[str], trajectories: int) -> list[str]:

@@ -34,7 +34,6 @@ import torch
 
 from ..closed_form import RidgeGrams, edit_weights, load_gram, mapping_fit, mapping_matrix, prompt_gram
 from ..config import MethodConfig, option, per_concept
-from ..errors import UserError
 from ..models.family import context_width
 from ..models.text import concept_tail, encode_prompts
 from . import ErasureResult, Method, Progress, register
@@ -43,13 +42,13 @@ from .parameters import select_parameters
 
 @dataclass
 class UCEConfig(MethodConfig):
-    steps: int = option(1, "ignored: UCE is one closed-form solve")
+    steps: int = option(1, "ignored: UCE is one closed-form solve", at_least=1)
     guide: list[str] = option([""], "what the erased concepts become: one guide for all or one per concept; '' is nothing (the template's other words)")
-    lam: float = option(0.5, "lambda: pull of every projection towards its original weights")
-    erase_scale: float = option(1.0, "weight of each erased prompt's tokens")
+    lam: float = option(0.5, "lambda: pull of every projection towards its original weights", positive=True)
+    erase_scale: float = option(1.0, "weight of each erased prompt's tokens", positive=True)
     preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
     preserve_gram: str = option("", "a Gram of prompts to preserve, built by `fasterase cache build`; '' for none")
-    batch_size: int = option(64, "prompts encoded at a time")
+    batch_size: int = option(64, "prompts encoded at a time", at_least=1)
 
     def prompt_concepts(self) -> list[str]:
         return super().prompt_concepts() + [g for g in dict.fromkeys(self.guide) if g]
@@ -61,12 +60,6 @@ class UCEConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         self.guides()  # refuses a guide list that fits neither one for all nor one per concept
-        if self.lam <= 0:
-            raise UserError(f"lam must be positive, not {self.lam}")
-        if self.erase_scale <= 0 or self.preserve_scale < 0:
-            raise UserError("erase_scale must be positive and preserve_scale at least 0")
-        if self.batch_size < 1:
-            raise UserError("batch_size must be at least 1")
 
 
 @register

@@ -1,0 +1,70 @@
+"""Bad input, table-driven: each row a command or an API call, its one-line error, exit status 2,
+and no file created, changed or removed; all of them refused before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+import fasterase
+from fasterase import api
+from fasterase.cli import main
+from fasterase.errors import UserError
+
+ERASE = ["erase", "--method", "uce", "--concept", "circle", "--out", "{tmp}/edit.safetensors"]
+GENERATE = ["generate", "--prompt", "a circle", "--out", "{tmp}/grid.png"]
+
+COMMANDS = [
+    (ERASE + ["--set", "lam=inf"], "lam must be a finite number"),
+    (ERASE + ["--set", "lam=.nan"], "lam must be a finite number"),
+    (ERASE + ["--set", "lam=-1"], "lam must be positive"),
+    (ERASE + ["--set", "lam=0"], "lam must be positive"),
+    (ERASE + ["--set", "batch_size=0"], "batch_size must be at least 1"),
+    (ERASE + ["--seed", "99999999999"], "seed must be at most"),
+    (ERASE + ["--set", "sample_batch=-2"], "sample_batch must be at least 0"),
+    (ERASE + ["--set", "templates=['a {name}']"], "must contain exactly one {}"),
+    (ERASE + ["--set", "templates=['a {} and a {}']"], "must contain exactly one {}"),
+    (ERASE + ["--set", "guide=ring"], "option 'guide' must be a list of strings"),
+    (["erase", "--method", "esd", "--concept", "circle", "--set", "guidance=-inf", "--out", "{tmp}/e.safetensors"], "guidance must be a finite number"),
+    (["erase", "--method", "kpop", "--concept", "circle", "--set", "prompt_lr=1e400", "--out", "{tmp}/e.safetensors"], "prompt_lr must be a finite number"),
+    (GENERATE + ["--n", "0"], "n must be a whole number of at least 1"),
+    (GENERATE + ["--sample-steps", "0"], "steps must be at least 1"),
+    (GENERATE + ["--guidance", "nan"], "guidance must be a finite number"),
+    (GENERATE + ["--seed", "-1"], "seed must be at least 0"),
+    (["evaluate", "--edit", "{tmp}/missing.safetensors", "--n", "0", "--grid", "{tmp}/g.png"], "n must be a whole number of at least 1"),
+]
+
+
+def no_model(monkeypatch):
+    monkeypatch.setattr(api, "load_pipeline", lambda *args, **kwargs: pytest.fail("a model was loaded before the input was checked"))
+
+
+@pytest.mark.parametrize("argv, message", COMMANDS, ids=lambda row: " ".join(row) if isinstance(row, list) else None)
+def test_bad_commands(argv, message, tmp_path, capsys, monkeypatch):
+    no_model(monkeypatch)
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fasterase: error:") and "\n" not in err and "Traceback" not in err, err
+    assert message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+CALLS = [
+    (lambda tmp: fasterase.erase("uce", "circle", out=tmp / "e.safetensors"), "concepts must be a list of strings, not 'circle'"),
+    (lambda tmp: fasterase.erase(3, ["circle"], out=tmp / "e.safetensors"), "method must be a method's name"),
+    (lambda tmp: fasterase.erase("uce", [3], out=tmp / "e.safetensors"), "concepts must be a list of strings"),
+    (lambda tmp: fasterase.erase("uce", ["circle"], out=tmp / "e.safetensors", lam=float("nan")), "lam must be a finite number"),
+    (lambda tmp: fasterase.generate("a circle", out=tmp / "g.png"), "prompts must be a list of strings, not 'a circle'"),
+    (lambda tmp: fasterase.generate(["a circle"], n="2", out=tmp / "g.png"), "n must be a whole number"),
+    (lambda tmp: fasterase.evaluate(tmp / "e.safetensors", "circle"), "concepts must be a list of strings"),
+    (lambda tmp: fasterase.evaluate(tmp / "e.safetensors", preserve="square"), "preserve must be a list of strings"),
+    (lambda tmp: api.compare(str(tmp / "e.safetensors")), "edits must be a list of edit files"),
+]
+
+
+@pytest.mark.parametrize("call, message", CALLS)
+def test_bad_api_calls(call, message, tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    with pytest.raises(UserError) as err:
+        call(tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())
