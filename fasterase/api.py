@@ -9,7 +9,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .lora import save_lora
 from .methods import Progress, get_method
 from .models.fingerprint import fingerprint
 from .models.family import family_of
-from .models.loading import BUILTIN, DTYPES, load_pipeline, model_name, model_path, stored_dtype
+from .models.loading import BUILTIN, DTYPES, builtin_model_dir, load_pipeline, model_name, model_path, stored_dtype
 from .models.text import check_concept
 
 
@@ -33,15 +33,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def ensure_writable(path: Path) -> Path:
-    """Fails before any work is done when `path` cannot be written."""
+def ensure_writable(path: Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Fails before any work is done when `path` cannot be written: it is a folder or any other
+    file that is not a regular one (a FIFO, a device), its folder is missing or read-only, or it
+    is one of the command's `inputs` (the same file by any name) or lies inside an input folder (a
+    model's)."""
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder")
+    if path.exists() and not path.is_file():
+        raise UserError(f"cannot write {path}: it is not a regular file")
     if not folder.is_dir():
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write {path}: folder {folder} is not writable")
+    target = path.resolve()
+    for given in inputs:
+        source = Path(given).expanduser() if given else None
+        if source is None or not source.exists():
+            continue
+        if target == source.resolve() or (path.exists() and os.path.samefile(path, source)):
+            raise UserError(f"cannot write {path}: it is an input of this command")
+        if source.is_dir() and source.resolve() in target.parents:
+            raise UserError(f"cannot write {path}: it is inside the input folder {source}")
     return path
 
 
@@ -58,6 +72,17 @@ def strings(name: str, value, *, optional: bool = False) -> list[str] | None:
 def key_path_for(edit_path: Path) -> Path:
     """KPOP's key goes beside the edit, in a file of its own."""
     return edit_path.with_name(edit_path.name.removesuffix(".safetensors") + ".key.safetensors")
+
+
+def lora_path_for(edit_path: Path, concept: str) -> Path:
+    """A concept's LoRA (MACE's save_loras) goes beside the edit."""
+    return edit_path.with_name(f"{edit_path.name.removesuffix('.safetensors')}.lora-{_slug([concept])}.safetensors")
+
+
+def model_files(model: str | Path | None) -> Path | str | None:
+    """Where a model's files are when they are local (the built-in world's folder, or the path
+    given), for `ensure_writable` to keep outputs out of them."""
+    return builtin_model_dir() if model is None or str(model) == BUILTIN else model
 
 
 @dataclass
@@ -114,7 +139,11 @@ def erase(
     if cfg.dtype != "float32" and device.type != "cuda":
         notify(f"no GPU here: {cfg.dtype} runs in float32")
         cfg.dtype = "float32"
-    out = ensure_writable(Path(out) if out else Path(f"{method}-{_slug(cfg.concepts)}.safetensors"))
+    inputs = [model_files(model), model_config, config, *(getattr(cfg, name, "") for name in ("images", "masks", "preserve_gram"))]
+    out = ensure_writable(Path(out) if out else Path(f"{method}-{_slug(cfg.concepts)}.safetensors"), inputs)
+    ensure_writable(key_path_for(out), inputs)
+    for concept in cfg.concepts if getattr(cfg, "save_loras", False) else []:
+        ensure_writable(lora_path_for(out, concept), inputs)
     pipe = load_pipeline(model, dtype=cfg.dtype, device=device, model_config=model_config)
     edit_dtype = stored_dtype(model_path(model)) if cfg.edit_dtype == "base" else DTYPES[cfg.edit_dtype]
     for name in family_of(pipe).tokenizers:
@@ -138,7 +167,7 @@ def erase(
         save_key(key, result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
     loras = []
     for concept, tensors in result.loras.items():
-        loras.append(ensure_writable(out.with_name(f"{out.name.removesuffix('.safetensors')}.lora-{_slug([concept])}.safetensors")))
+        loras.append(lora_path_for(out, concept))
         tensors = {name: value.to(edit_dtype) for name, value in tensors.items()}
         save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprint": base})
     save_edit(out, Edit(tensors=result.tensors, metadata=metadata))
@@ -196,7 +225,7 @@ def generate(
     """Samples n images per prompt and writes them as a grid, one row per prompt."""
     prompts = strings("prompts", prompts)
     check_count("n", n)
-    out = ensure_writable(Path(out))
+    out = ensure_writable(Path(out), [model_files(model), model_config, edit, key])
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprint(pipe)
     if edit is not None:
@@ -278,7 +307,7 @@ def compare(
         if any(e.metadata.concepts != concepts for e in loaded):
             raise UserError("the edits erase different concepts; say which to evaluate with --concept")
     if grid is not None:
-        grid = ensure_writable(Path(grid))
+        grid = ensure_writable(Path(grid), [model_files(model), model_config, *edits, key])
     judge = world_judge(model)
     plan = plan_for(judge, list(concepts), preserve, n)
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)

@@ -143,7 +143,8 @@ def check_edit(pipe, edit: Edit, base_fingerprint: str) -> list[tuple[torch.Tens
     """The (model tensor, edit tensor) pairs that applying `edit` to `pipe` would copy.
 
     `base_fingerprint` is `fingerprint(pipe)` taken when the base model was loaded. UserError if the
-    edit was made for another base model or names a tensor `pipe` lacks or shapes differently.
+    edit was made for another base model, names a tensor `pipe` lacks or shapes differently, gives
+    integer or bool values for float weights (or the reverse), or holds nan or inf.
     """
     metadata = edit.metadata
     if metadata.base_fingerprint != base_fingerprint:
@@ -166,6 +167,11 @@ def check_edit(pipe, edit: Edit, base_fingerprint: str) -> list[tuple[torch.Tens
             raise UserError(
                 f"this edit's '{key}' has shape {tuple(tensor.shape)}, the model's {tuple(target.shape)}"
             )
+        # Copying would cast silently: an int8 or bool tensor into float weights, or nan into them.
+        if tensor.is_floating_point() != target.is_floating_point():
+            raise UserError(f"this edit's '{key}' is {tensor.dtype}, the model's {target.dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"this edit's '{key}' holds nan or inf values")
         pairs.append((target, tensor))
     return pairs
 

@@ -4,6 +4,7 @@ and no file created, changed or removed; all of them refused before any model lo
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fasterase
 from fasterase import api
@@ -68,3 +69,63 @@ def test_bad_api_calls(call, message, tmp_path, monkeypatch):
         call(tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def base_edit(tmp_path_factory):
+    """A real UCE edit of the built-in world, to be spoilt."""
+    folder = tmp_path_factory.mktemp("edit")
+    return api.erase("uce", ["circle"], out=folder / "uce.safetensors").edit
+
+
+def spoilt(base_edit, tmp_path, change):
+    from fasterase.edits import load_edit, save_edit
+
+    edit = load_edit(base_edit)
+    name = next(iter(edit.tensors))
+    edit.tensors[name] = change(edit.tensors[name])
+    save_edit(tmp_path / "spoilt.safetensors", edit)
+    return tmp_path / "spoilt.safetensors"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.clone().fill_(float("nan")), "holds nan or inf"),
+    (lambda t: torch.full_like(t, float("inf")), "holds nan or inf"),
+    (lambda t: t.to(torch.int8), "is torch.int8"),
+    (lambda t: t > 0, "is torch.bool"),
+])
+def test_spoilt_edits_are_refused_before_sampling(base_edit, tmp_path, capsys, change, message):
+    edit = spoilt(base_edit, tmp_path, change)
+    grid = tmp_path / "grid.png"
+    assert main(["generate", "--prompt", "a circle", "--edit", str(edit), "--n", "1", "--out", str(grid)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not grid.exists()
+
+
+def test_outputs_never_overwrite_inputs(base_edit, tmp_path, capsys):
+    """The same file by any name, a file inside the model's folder, or anything not a regular file."""
+    import os
+
+    from fasterase.models.loading import builtin_model_dir
+
+    edit_copy = tmp_path / "edit.safetensors"
+    edit_copy.write_bytes(base_edit.read_bytes())
+    os.link(edit_copy, tmp_path / "hardlink.safetensors")
+    (tmp_path / "captions.txt").write_text("a circle\n")
+    os.mkfifo(tmp_path / "fifo")
+    weights = builtin_model_dir() / "unet" / "diffusion_pytorch_model.safetensors"
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} | {"weights": weights.stat().st_mtime_ns}
+    cases = [
+        (["generate", "--prompt", "a circle", "--edit", str(edit_copy), "--out", str(edit_copy)], "is an input"),
+        (["generate", "--prompt", "a circle", "--edit", str(edit_copy), "--out", str(tmp_path / "hardlink.safetensors")], "is an input"),
+        (["evaluate", "--edit", str(edit_copy), "--grid", str(edit_copy)], "is an input"),
+        (["erase", "--method", "uce", "--concept", "circle", "--out", str(weights)], "inside the input folder"),
+        (["cache", "build", "--prompts", str(tmp_path / "captions.txt"), "--out", str(tmp_path / "captions.txt")], "is an input"),
+        (["erase", "--method", "uce", "--concept", "circle", "--out", str(tmp_path / "fifo")], "not a regular file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (argv, err)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} | {"weights": weights.stat().st_mtime_ns} == before
