@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, printable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as exc:
-        print(f"fasterase: error: {exc}", file=sys.stderr)
+        print(f"fasterase: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fasterase: interrupted", file=sys.stderr)

@@ -143,6 +143,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise UserError(f"config {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"config {path} is nested too deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -119,8 +119,8 @@ def load_tagged(path: Path, format_tag: str) -> tuple[dict[str, torch.Tensor], d
         raise UserError(f"{path} is not a safetensors file ({error})") from None
     try:
         values = {key: json.loads(text) for key, text in metadata.items() if key not in _FORMAT_TAGS}
-    except json.JSONDecodeError:
-        raise UserError(f"{path} has metadata that is not JSON") from None
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
+        raise UserError(f"{path} has metadata that is not JSON, or nested too deep") from None
     return tensors, values
 
 
@@ -136,6 +136,11 @@ def load_edit(path: str | os.PathLike) -> Edit:
     missing = [name for name in names if name not in values]
     if missing:
         raise UserError(f"{path} lacks edit metadata: {', '.join(missing)}")
+    kinds = {"concepts": list, "config": dict}
+    for name in names:
+        value, kind = values[name], kinds.get(name, str)
+        if not isinstance(value, kind) or (name == "concepts" and not all(isinstance(c, str) for c in value)):
+            raise UserError(f"{path} has edit metadata {name!r} of the wrong type ({type(value).__name__})")
     return Edit(tensors, EditMetadata(**{name: values[name] for name in names}))
 
 

@@ -5,6 +5,15 @@ class UserError(Exception):
     """Bad input: a wrong option, a missing file, an edit for another model. The message is one line."""
 
 
+def printable(text: str, limit: int = 400) -> str:
+    """Text from files or users made safe for a terminal line: control and format characters
+    (escape sequences, newlines, bidi overrides) shown as escapes, and cut to `limit` characters."""
+    import unicodedata
+
+    safe = "".join(c if not unicodedata.category(c).startswith("C") else ascii(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type's name), for a one-line error."""
     text = str(exc).strip().splitlines()

@@ -129,3 +129,51 @@ def test_outputs_never_overwrite_inputs(base_edit, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, (argv, err)
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} | {"weights": weights.stat().st_mtime_ns} == before
+
+
+def test_untrusted_text_reaches_the_terminal_safe_and_short(tmp_path, capsys):
+    """Metadata from a file is shown without control characters; a long concept is quoted cut short."""
+    from fasterase.edits import Edit, EditMetadata, save_edit
+
+    edit = tmp_path / "foreign.safetensors"
+    save_edit(edit, Edit({}, EditMetadata("uce", ["circle"], {}, "0" * 16, "\x1b[2J\x1b]0;owned\x07 model\nsecond line")))
+    assert main(["generate", "--prompt", "a circle", "--edit", str(edit), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and err.count("\n") == 1 and "\\x1b[2J" in err
+    assert main(["erase", "--method", "uce", "--concept", "circle " * 500, "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 300 and "circle circle" in err and "..." in err
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"concepts": "circle"}, "'concepts' of the wrong type"),
+    ({"config": [1]}, "'config' of the wrong type"),
+    ({"method": 3}, "'method' of the wrong type"),
+    ({"base_fingerprint": None}, "'base_fingerprint' of the wrong type"),
+])
+def test_malformed_edit_metadata(base_edit, tmp_path, metadata, message):
+    import json
+
+    import safetensors.torch
+
+    from fasterase.edits import load_edit
+
+    tensors = safetensors.torch.load_file(str(base_edit))
+    with safetensors.safe_open(str(base_edit), "pt") as reader:
+        values = reader.metadata()
+    path = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata={**values, **{k: json.dumps(v) for k, v in metadata.items()}})
+    with pytest.raises(UserError, match=message):
+        load_edit(path)
+    deep = {**values, "config": "[" * 100000 + "]" * 100000}
+    safetensors.torch.save_file(tensors, str(path), metadata=deep)
+    with pytest.raises(UserError, match="nested too deep"):
+        load_edit(path)
+
+
+def test_binary_yaml(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_bytes(bytes(range(256)) * 4)
+    assert main(["erase", "--method", "uce", "--concept", "circle", "--config", str(config), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

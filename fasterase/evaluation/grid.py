@@ -38,10 +38,13 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        try:
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:  # a full disk, say
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import printable
 from .judge import Judge
 from .sampling import SamplingConfig, generate
 
@@ -91,12 +92,13 @@ def format_comparison(comparison: dict) -> str:
     with each look-alike's top-1 recognition in its own column."""
     edits = comparison["edits"]
     lookalikes = list(edits[0]["lookalikes"])
-    width = max(10, *(len(e["method"]) + 2 for e in edits))
+    width = max(10, *(len(printable(e["method"], 24)) + 2 for e in edits))
     header = f"{'':{width}}" + "".join(f"{k:>8}" for k in ("ESR-1", "ESR-5", "PSR-1", "PSR-5")) + "".join(f"{c[:12]:>14}" for c in lookalikes)
     lines = [header]
     first = edits[0]["lookalikes"]
     rows = [("original", comparison["original"], {c: first[c]["original_top1"] for c in lookalikes})]
-    rows += [(e["method"], e, {c: e["lookalikes"][c]["edited_top1"] for c in lookalikes}) for e in edits]
+    # an edit's method name is read from its file: shown without control characters
+    rows += [(printable(e["method"], 24), e, {c: e["lookalikes"][c]["edited_top1"] for c in lookalikes}) for e in edits]
     for name, s, kept in rows:
         lines.append(f"{name:{width}}" + "".join(f"{s[k]:8.1%}" for k in ("esr1", "esr5", "psr1", "psr5")) + "".join(f"{kept[c]:14.1%}" for c in lookalikes))
     if lookalikes:

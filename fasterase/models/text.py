@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import shown
 from ..errors import UserError
 from .family import encode
 
@@ -15,9 +16,9 @@ def check_concept(tokenizer, concept: str) -> None:
         raise UserError("a concept must not be empty")
     ids = tokenizer(concept, add_special_tokens=False).input_ids
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-        raise UserError(f"the tokenizer cannot represent the concept {concept!r} (it has characters outside its vocabulary)")
+        raise UserError(f"the tokenizer cannot represent the concept {shown(concept)} (it has characters outside its vocabulary)")
     if len(ids) > tokenizer.model_max_length - 2:
-        raise UserError(f"the concept {concept!r} is {len(ids)} tokens long; the text encoder reads at most {tokenizer.model_max_length - 2}")
+        raise UserError(f"the concept {shown(concept)} is {len(ids)} tokens long; the text encoder reads at most {tokenizer.model_max_length - 2}")
 
 
 def padded_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
