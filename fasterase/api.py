@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import resource
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from .attention import backend_processors
 from .config import make_config, preset as load_preset, read_yaml, shown
-from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit, save_key
+from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
 from .errors import UserError
 from .evaluation.grid import grid_image, save_png
 from .evaluation.report import plan_for, recognition, report, sample_concepts
@@ -163,15 +164,16 @@ def erase(
     metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprint=base, base_model=model_name(model))
     key = None
     if result.key is not None:
-        key = key_path_for(out)
-        save_key(key, result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
+        # the key is written with the edit, all or neither, and works with this edit alone
+        metadata.key = secrets.token_hex(8)
+        key = (key_path_for(out), result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
     loras = []
     for concept, tensors in result.loras.items():
         loras.append(lora_path_for(out, concept))
         tensors = {name: value.to(edit_dtype) for name, value in tensors.items()}
         save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprint": base})
-    save_edit(out, Edit(tensors=result.tensors, metadata=metadata))
-    return EraseSummary(out, key, seconds, _peak_memory(device), str(device), loras=loras)
+    save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key)
+    return EraseSummary(out, key and key[0], seconds, _peak_memory(device), str(device), loras=loras)
 
 
 def check_finite(result) -> None:
@@ -201,13 +203,26 @@ def load_edited(model=None, edit: str | Path | None = None, device: torch.device
     return pipe
 
 
-def key_block(pipe, key: str | Path | None, base: str):
-    """A block in which the pipeline runs with a method's key in place; a no-op without a key."""
+def load_matching_key(key: str | Path | None, edits: list[Edit], base: str) -> tuple[dict, dict] | None:
+    """The tensors and metadata of `key` (None without one), refused unless it was written together
+    with each of `edits`, on this base model."""
     if key is None:
-        return contextlib.nullcontext()
+        return None
     tensors, metadata = load_key(key)
     if metadata.get("base_fingerprint") != base:
         raise UserError(f"the key {key} was made for another base model (fingerprint {metadata.get('base_fingerprint')}, this one is {base})")
+    if not edits:
+        raise UserError(f"the key {key} works with the edit it was written with: pass that edit too")
+    if any(not edit.metadata.key or metadata.get("edit") != edit.metadata.key for edit in edits):
+        raise UserError(f"the key {key} belongs to another edit: a key works with the edit it was written with alone")
+    return tensors, metadata
+
+
+def key_block(pipe, key: tuple[dict, dict] | None):
+    """A block in which the pipeline runs with a key (`load_matching_key`) in place; a no-op without one."""
+    if key is None:
+        return contextlib.nullcontext()
+    tensors, metadata = key
     return get_method(metadata["method"]).key_processors(pipe, tensors, metadata)
 
 
@@ -228,9 +243,11 @@ def generate(
     out = ensure_writable(Path(out), [model_files(model), model_config, edit, key])
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprint(pipe)
-    if edit is not None:
-        apply_edit(pipe, load_edit(edit), base)
-    with key_block(pipe, key, base):
+    loaded = [load_edit(edit)] if edit is not None else []
+    matching_key = load_matching_key(key, loaded, base)
+    for e in loaded:
+        apply_edit(pipe, e, base)
+    with key_block(pipe, matching_key):
         images = sample_images(pipe, [p for p in prompts for _ in range(n)], sampling)
     return save_png(grid_image([images[i * n : (i + 1) * n] for i in range(len(prompts))], prompts), out)
 
@@ -314,13 +331,14 @@ def compare(
     base = fingerprint(pipe)
     for e in loaded:
         check_edit(pipe, e, base)  # before minutes of sampling, not after
+    matching_key = load_matching_key(key, loaded, base)
     original_images = _original_images(pipe, base, judge, plan, sampling, progress)
     original = recognition(judge, original_images)
     results, rows = [], []
     for path, e in zip(edits, loaded):
         edited_pipe = load_pipeline(model, device=default_device(), model_config=model_config) if results else pipe
         apply_edit(edited_pipe, e, base)
-        with key_block(edited_pipe, key, base):
+        with key_block(edited_pipe, matching_key):
             edited_images = sample_concepts(edited_pipe, judge, plan, sampling, progress)
         results.append({**report(plan, original, recognition(judge, edited_images)), "edit": str(path), "method": e.metadata.method})
         rows.append((e.metadata.method, edited_images))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # transformers warns about optional packages (torchvision) that fasterase never uses.
     transformers.utils.logging.set_verbosity_error()
+    # SIGTERM unwinds like SIGINT, so that what is half-written (temporary files) is removed.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.run(args)
     except UserError as exc:
@@ -333,6 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fasterase: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fasterase: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every cleanup on the way out runs."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import secrets
+import signal
 import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,6 +50,9 @@ class EditMetadata:
     base_fingerprint: str
     base_model: str
     version: str = field(default_factory=_library_version)
+    # shared with the key written together with the edit (KPOP's), which works with this edit
+    # alone; "" when there is none (and in edits made before keys were bound to them)
+    key: str = ""
 
 
 @dataclass
@@ -72,28 +76,47 @@ def encode_metadata(format_tag: str, values: dict) -> dict[str, str]:
     }
 
 
+# A file to write: its path, tensors and (encoded) metadata.
+File = tuple[Path, dict[str, torch.Tensor], dict[str, str]]
+
+
 def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file whole or not at all: into a temporary file beside `path`, then rename."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    """Write a safetensors file whole or not at all (see `save_together`)."""
+    save_together([(path, tensors, metadata)])
+
+
+def save_together(files: list[File]) -> None:
+    """Write safetensors files all or none: each into a temporary file beside its path, and only
+    once every one is whole, renamed into place, with SIGINT and SIGTERM held back for the renames.
+    A failure (a full disk) or an interruption before that removes every temporary file and leaves
+    the earlier files as they were."""
+    temporaries = [path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp") for path, _, _ in files]
+    current = files[0][0]
     try:
         try:
-            # Creating the file ourselves gives it the permissions the umask allows; safetensors'
-            # writer alone leaves 0600, which would hide a released edit from other users.
-            with open(temporary, "xb"):
-                pass
-            mode = stat.S_IMODE(temporary.stat().st_mode)
-            safetensors.torch.save_file(
-                {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()},
-                temporary,
-                metadata=metadata,
-            )
-            os.chmod(temporary, mode)
-            os.replace(temporary, path)
+            for temporary, (current, tensors, metadata) in zip(temporaries, files):
+                # Creating the file ourselves gives it the permissions the umask allows;
+                # safetensors' writer alone leaves 0600, which would hide a released edit from
+                # other users.
+                with open(temporary, "xb"):
+                    pass
+                mode = stat.S_IMODE(temporary.stat().st_mode)
+                safetensors.torch.save_file(
+                    {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}, temporary, metadata=metadata
+                )
+                os.chmod(temporary, mode)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                for temporary, (current, _, _) in zip(temporaries, files):
+                    os.replace(temporary, current)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            for temporary in temporaries:
+                temporary.unlink(missing_ok=True)
             raise
     except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+        raise UserError(f"cannot write {current}: {error.strerror or error}") from None
 
 
 def load_tagged(path: Path, format_tag: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -124,18 +147,24 @@ def load_tagged(path: Path, format_tag: str) -> tuple[dict[str, torch.Tensor], d
     return tensors, values
 
 
-def save_edit(path: str | os.PathLike, edit: Edit) -> None:
-    """Write `edit` to `path` (a .safetensors file), atomically. UserError if it cannot be written."""
-    save_atomically(Path(path), edit.tensors, encode_metadata(EDIT_FORMAT, asdict(edit.metadata)))
+def save_edit(path: str | os.PathLike, edit: Edit, key: tuple[Path, dict[str, torch.Tensor], dict] | None = None) -> None:
+    """Write `edit` to `path` (a .safetensors file), and with it, all or neither, its key (path,
+    tensors, metadata), bound to it by `edit.metadata.key`. UserError if they cannot be written."""
+    files = [(Path(path), edit.tensors, encode_metadata(EDIT_FORMAT, asdict(edit.metadata)))]
+    if key is not None:
+        key_path, tensors, metadata = key
+        files.append((Path(key_path), tensors, encode_metadata(KEY_FORMAT, {**metadata, "edit": edit.metadata.key})))
+    save_together(files)
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
     """The edit at `path`. UserError if it is missing, not safetensors, or not a fasterase edit."""
     tensors, values = load_tagged(Path(path), EDIT_FORMAT)
-    names = [metadata_field.name for metadata_field in fields(EditMetadata)]
-    missing = [name for name in names if name not in values]
+    optional = {"key"}  # absent from edits made before keys were bound to them
+    missing = [f.name for f in fields(EditMetadata) if f.name not in values and f.name not in optional]
     if missing:
         raise UserError(f"{path} lacks edit metadata: {', '.join(missing)}")
+    names = [f.name for f in fields(EditMetadata) if f.name in values]
     kinds = {"concepts": list, "config": dict}
     for name in names:
         value, kind = values[name], kinds.get(name, str)

@@ -177,3 +177,78 @@ def test_binary_yaml(tmp_path, capsys):
     assert main(["erase", "--method", "uce", "--concept", "circle", "--config", str(config), "--out", str(tmp_path / "e.safetensors")]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+@pytest.fixture(scope="module")
+def two_kpop_edits(tiny_pipeline_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kpop")
+    options = {"steps": 1, "trajectories": 1, "sample_steps": 2, "batch_size": 1, "prompt_length": 1}
+    return [api.erase("kpop", ["circle"], model=tiny_pipeline_dir, out=folder / f"{n}.safetensors", seed=n, **options) for n in (1, 2)]
+
+
+def test_a_key_works_with_its_own_edit_alone(tiny_pipeline_dir, two_kpop_edits, tmp_path):
+    first, second = two_kpop_edits
+    grid = tmp_path / "g.png"
+    from fasterase.evaluation.sampling import SamplingConfig
+
+    run = {"model": tiny_pipeline_dir, "n": 1, "out": grid, "sampling": SamplingConfig(steps=2)}
+    api.generate(["a circle"], edit=first.edit, key=first.key, **run)
+    grid.unlink()
+    with pytest.raises(UserError, match="belongs to another edit"):
+        api.generate(["a circle"], edit=first.edit, key=second.key, **run)
+    with pytest.raises(UserError, match="pass that edit too"):
+        api.generate(["a circle"], key=first.key, **run)
+    assert not grid.exists()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt(), SystemExit(143)])
+def test_the_edit_and_its_key_are_written_together_or_not_at_all(two_kpop_edits, tmp_path, monkeypatch, failure):
+    """A full disk or an interruption while the second file is written leaves neither new file,
+    no temporary file, and the earlier outputs as they were."""
+    import safetensors.torch
+
+    from fasterase.edits import Edit, load_edit, load_key, save_edit
+
+    first = two_kpop_edits[0]
+    edit_path, key_path = tmp_path / "edit.safetensors", tmp_path / "edit.key.safetensors"
+    edit_path.write_bytes(b"earlier edit")
+    key_path.write_bytes(b"earlier key")
+    write = safetensors.torch.save_file
+    calls = []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise failure
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_second)
+    edit, (tensors, metadata) = load_edit(first.edit), load_key(first.key)
+    with pytest.raises((UserError, KeyboardInterrupt, SystemExit)):
+        save_edit(edit_path, Edit(edit.tensors, edit.metadata), (key_path, tensors, metadata))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit.key.safetensors", "edit.safetensors"]
+    assert edit_path.read_bytes() == b"earlier edit" and key_path.read_bytes() == b"earlier key"
+
+
+@pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])
+def test_a_signal_during_training_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, monkeypatch, signum, status):
+    """SIGINT or SIGTERM in the middle of training: the command ends with its status, the earlier
+    edit is as it was, and nothing else is left."""
+    import os
+
+    from fasterase.methods.training import Optimization
+
+    step = Optimization.step
+
+    def interrupted(self, loss, only_own=False):
+        step(self, loss, only_own)
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Optimization, "step", interrupted)
+    out = tmp_path / "edit.safetensors"
+    out.write_bytes(b"earlier edit")
+    argv = ["erase", "--method", "esd", "--concept", "circle", "--model", str(tiny_pipeline_dir), "--out", str(out), "--steps", "3",
+            "--set", "trajectories=1", "--set", "sample_steps=2", "--set", "batch_size=1"]
+    assert main(argv) == status
+    assert "Traceback" not in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["edit.safetensors"] and out.read_bytes() == b"earlier edit"
