@@ -162,18 +162,18 @@ def erase(
     check_finite(result)
     result.tensors = {name: value.to(edit_dtype) for name, value in result.tensors.items()}
     metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprint=base, base_model=model_name(model))
-    key = None
+    key_file = None
     if result.key is not None:
         # the key is written with the edit, all or neither, and works with this edit alone
         metadata.key = secrets.token_hex(8)
-        key = (key_path_for(out), result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
+        key_file = (key_path_for(out), result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
     loras = []
     for concept, tensors in result.loras.items():
         loras.append(lora_path_for(out, concept))
         tensors = {name: value.to(edit_dtype) for name, value in tensors.items()}
         save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprint": base})
-    save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key)
-    return EraseSummary(out, key and key[0], seconds, _peak_memory(device), str(device), loras=loras)
+    save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key_file)
+    return EraseSummary(out, key_file[0] if key_file else None, seconds, _peak_memory(device), str(device), loras=loras)
 
 
 def check_finite(result) -> None:
