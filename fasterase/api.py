@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .attention import backend_processors
-from .config import make_config, preset as load_preset, read_yaml, shown
+from .config import make_config, preset as load_preset, read_yaml
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
-from .errors import UserError
+from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
 from .evaluation.report import plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import SamplingConfig, generate as sample_images

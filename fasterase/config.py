@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, shown
 from .kernels import BACKEND_NAMES, backend_for
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -61,12 +61,6 @@ def check_options(cfg) -> None:
             raise UserError(f"{f.name} must be {'positive' if positive else f'at least {low}'}, not {value}")
         if isinstance(value, int) and value > INT_LIMIT:
             raise UserError(f"{f.name} must be at most {INT_LIMIT}, not {value}")
-
-
-def shown(value, limit: int = 40) -> str:
-    """A value as an error message quotes it: its repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_template(template: str) -> None:

@@ -5,6 +5,12 @@ class UserError(Exception):
     """Bad input: a wrong option, a missing file, an edit for another model. The message is one line."""
 
 
+def shown(value, limit: int = 40) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def printable(text: str, limit: int = 400) -> str:
     """Text from files or users made safe for a terminal line: control and format characters
     (escape sequences, newlines, bidi overrides) shown as escapes, and cut to `limit` characters."""

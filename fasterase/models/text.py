@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import shown
-from ..errors import UserError
+from ..errors import UserError, shown
 from .family import encode
 
 
