@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from ..attention import AttentionCapture, capture_processors
@@ -135,6 +134,9 @@ def concept_loras(unet, concepts: int, rank: int, seed: int = 0) -> Iterator[Con
     modules back."""
     targets = sorted({name.rsplit(".", 1)[0] for name in select_parameters(unet, "cross_attention_kv")})
     originals = {t: unet.get_submodule(t) for t in targets}
+    # peft takes 3-4 s to import: only when LoRAs are trained, not for every command's start
+    from peft import LoraConfig, inject_adapter_in_model
+
     had_config = hasattr(unet, "peft_config")
     config = LoraConfig(r=concepts * rank, lora_alpha=concepts * rank, lora_dropout=0.0, target_modules=targets)
     with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
