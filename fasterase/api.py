@@ -26,7 +26,7 @@ from .lora import save_lora
 from .methods import Progress, get_method
 from .models.fingerprint import fingerprint
 from .models.family import family_of
-from .models.loading import BUILTIN, DTYPES, builtin_model_dir, load_pipeline, model_name, model_path, stored_dtype
+from .models.loading import BUILTIN, DTYPES, load_pipeline, local_path, model_name, model_path, stored_dtype
 from .models.text import check_concept
 
 
@@ -78,12 +78,6 @@ def key_path_for(edit_path: Path) -> Path:
 def lora_path_for(edit_path: Path, concept: str) -> Path:
     """A concept's LoRA (MACE's save_loras) goes beside the edit."""
     return edit_path.with_name(f"{edit_path.name.removesuffix('.safetensors')}.lora-{_slug([concept])}.safetensors")
-
-
-def model_files(model: str | Path | None) -> Path | str | None:
-    """Where a model's files are when they are local (the built-in world's folder, or the path
-    given), for `ensure_writable` to keep outputs out of them."""
-    return builtin_model_dir() if model is None or str(model) == BUILTIN else model
 
 
 @dataclass
@@ -140,7 +134,7 @@ def erase(
     if cfg.dtype != "float32" and device.type != "cuda":
         notify(f"no GPU here: {cfg.dtype} runs in float32")
         cfg.dtype = "float32"
-    inputs = [model_files(model), model_config, config, *(getattr(cfg, name, "") for name in ("images", "masks", "preserve_gram"))]
+    inputs = [local_path(model), model_config, config, *(getattr(cfg, name, "") for name in ("images", "masks", "preserve_gram"))]
     out = ensure_writable(Path(out) if out else Path(f"{method}-{_slug(cfg.concepts)}.safetensors"), inputs)
     ensure_writable(key_path_for(out), inputs)
     for concept in cfg.concepts if getattr(cfg, "save_loras", False) else []:
@@ -240,7 +234,7 @@ def generate(
     """Samples n images per prompt and writes them as a grid, one row per prompt."""
     prompts = strings("prompts", prompts)
     check_count("n", n)
-    out = ensure_writable(Path(out), [model_files(model), model_config, edit, key])
+    out = ensure_writable(Path(out), [local_path(model), model_config, edit, key])
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprint(pipe)
     loaded = [load_edit(edit)] if edit is not None else []
@@ -324,7 +318,7 @@ def compare(
         if any(e.metadata.concepts != concepts for e in loaded):
             raise UserError("the edits erase different concepts; say which to evaluate with --concept")
     if grid is not None:
-        grid = ensure_writable(Path(grid), [model_files(model), model_config, *edits, key])
+        grid = ensure_writable(Path(grid), [local_path(model), model_config, *edits, key])
     judge = world_judge(model)
     plan = plan_for(judge, list(concepts), preserve, n)
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)

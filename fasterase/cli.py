@@ -158,11 +158,11 @@ def _cmd_env(args) -> int:
 def _cmd_cache_build(args) -> int:
     from tqdm import tqdm
 
-    from .api import default_device, ensure_writable, model_files
+    from .api import default_device, ensure_writable
     from .closed_form import preservation_gram, save_gram
-    from .models.loading import load_pipeline, model_name
+    from .models.loading import load_pipeline, local_path, model_name
 
-    out = ensure_writable(Path(args.out), [args.prompts, model_files(args.model), args.model_config])
+    out = ensure_writable(Path(args.out), [args.prompts, local_path(args.model), args.model_config])
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     prompts = Path(args.prompts)

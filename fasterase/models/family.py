@@ -73,7 +73,10 @@ def _unsupported(what: str) -> UserError:
 
 def folder_family(folder: Path) -> Family:
     """The family of a diffusers pipeline folder, read from its model_index.json and the UNet's and
-    text encoder's configs, before anything is loaded. UserError for every other kind of model."""
+    text encoder's configs, before anything is loaded. UserError for every other kind of model, and
+    for a folder that is no pipeline folder."""
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     index = _read_json(folder / "model_index.json")
     kind = index.get("_class_name")
     unet = _read_json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else {}
@@ -127,9 +130,6 @@ class Conditioning:
     def expand(self, n: int) -> "Conditioning":
         """One prompt's conditioning (a batch of 1) as a batch of n, without copying."""
         return Conditioning(self.states.expand(n, -1, -1), {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()})
-
-    def to(self, *args, **kwargs) -> "Conditioning":
-        return Conditioning(self.states.to(*args, **kwargs), {k: v.to(*args, **kwargs) for k, v in self.added.items()})
 
 
 def denoise(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

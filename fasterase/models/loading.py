@@ -82,7 +82,7 @@ def load_pipeline(
         config_dir = Path(model_config).expanduser() if model_config is not None else None
         pipeline_class = getattr(diffusers, family.pipeline_class)
         return _finish(load_single_file(path, family, config_dir, pipeline_class, **_pipeline_options(pipeline_class, dtype)), device)
-    pipeline_class = getattr(diffusers, folder_family(_pipeline_folder(path)).pipeline_class)
+    pipeline_class = getattr(diffusers, folder_family(path).pipeline_class)
     try:
         pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **_pipeline_options(pipeline_class, dtype))
     except Exception as exc:  # diffusers and transformers raise many types here; the user needs one line
@@ -90,11 +90,17 @@ def load_pipeline(
     return _finish(pipe, device)
 
 
+def local_path(model: str | Path | None) -> Path:
+    """Where a model's files would be on this machine: the built-in world's folder, or the path
+    given (which may not exist: a hub id)."""
+    return builtin_model_dir() if model is None or str(model) == BUILTIN else Path(str(model)).expanduser()
+
+
 def model_path(model: str | Path | None) -> Path:
     """Where a model's files are: the built-in world's folder, a local folder or .safetensors file,
     or the hub cache's folder of a hub id (downloading what is missing)."""
     name = BUILTIN if model is None else str(model)
-    path = builtin_model_dir() if name == BUILTIN else Path(name).expanduser()
+    path = local_path(model)
     if name == BUILTIN and not path.is_dir():
         raise UserError(f"the built-in model is not installed at {path}; reinstall fasterase")
     if path.exists():
@@ -127,12 +133,6 @@ def stored_dtype(path: Path) -> torch.dtype:
                 if dtype is not None:
                     return dtype
     return torch.float32
-
-
-def _pipeline_folder(path: Path) -> Path:
-    if not (path / "model_index.json").is_file():
-        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    return path
 
 
 def _download(name: str) -> Path:

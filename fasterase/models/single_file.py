@@ -76,8 +76,6 @@ def load_single_file(path: Path, family: Family, config_dir: Path | None, pipeli
     import torch
 
     if config_dir is not None:
-        if not (config_dir / "model_index.json").is_file():
-            raise UserError(f"--model-config {config_dir} is not a diffusers pipeline folder (no model_index.json)")
         found = folder_family(config_dir)
         if found != family:
             raise UserError(
