@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -24,7 +25,7 @@ from .evaluation.report import plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import SamplingConfig, generate as sample_images
 from .lora import save_lora
 from .methods import Progress, get_method
-from .models.fingerprint import fingerprint
+from .models.fingerprint import Fingerprints, fingerprints
 from .models.family import family_of
 from .models.loading import BUILTIN, DTYPES, load_pipeline, local_path, model_name, model_path, stored_dtype
 from .models.text import check_concept
@@ -144,7 +145,7 @@ def erase(
     for name in family_of(pipe).tokenizers:
         for concept in cfg.prompt_concepts():
             check_concept(getattr(pipe, name), concept)
-    base = fingerprint(pipe)
+    base = fingerprints(pipe, family_of(pipe).components())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.time()
@@ -155,17 +156,17 @@ def erase(
     seconds = time.time() - start
     check_finite(result)
     result.tensors = {name: value.to(edit_dtype) for name, value in result.tensors.items()}
-    metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprint=base, base_model=model_name(model))
+    metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprints=base, base_model=model_name(model))
     key_file = None
     if result.key is not None:
         # the key is written with the edit, all or neither, and works with this edit alone
         metadata.key = secrets.token_hex(8)
-        key_file = (key_path_for(out), result.key, {**result.key_metadata, "base_fingerprint": base, "concepts": list(cfg.concepts)})
+        key_file = (key_path_for(out), result.key, {**result.key_metadata, "concepts": list(cfg.concepts)})
     loras = []
     for concept, tensors in result.loras.items():
         loras.append(lora_path_for(out, concept))
         tensors = {name: value.to(edit_dtype) for name, value in tensors.items()}
-        save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprint": base})
+        save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprints": base})
     save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key_file)
     return EraseSummary(out, key_file[0] if key_file else None, seconds, _peak_memory(device), str(device), loras=loras)
 
@@ -193,18 +194,16 @@ def load_edited(model=None, edit: str | Path | None = None, device: torch.device
     pipe = load_pipeline(model, device=device or default_device(), model_config=model_config)
     if edit is not None:
         loaded = load_edit(edit)
-        apply_edit(pipe, loaded, fingerprint(pipe))
+        apply_edit(pipe, loaded, fingerprints(pipe))
     return pipe
 
 
-def load_matching_key(key: str | Path | None, edits: list[Edit], base: str) -> tuple[dict, dict] | None:
+def load_matching_key(key: str | Path | None, edits: list[Edit]) -> tuple[dict, dict] | None:
     """The tensors and metadata of `key` (None without one), refused unless it was written together
-    with each of `edits`, on this base model."""
+    with each of `edits` (which are checked against the base model themselves)."""
     if key is None:
         return None
     tensors, metadata = load_key(key)
-    if metadata.get("base_fingerprint") != base:
-        raise UserError(f"the key {key} was made for another base model (fingerprint {metadata.get('base_fingerprint')}, this one is {base})")
     if not edits:
         raise UserError(f"the key {key} works with the edit it was written with: pass that edit too")
     if any(not edit.metadata.key or metadata.get("edit") != edit.metadata.key for edit in edits):
@@ -236,9 +235,9 @@ def generate(
     check_count("n", n)
     out = ensure_writable(Path(out), [local_path(model), model_config, edit, key])
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
-    base = fingerprint(pipe)
+    base = fingerprints(pipe)
     loaded = [load_edit(edit)] if edit is not None else []
-    matching_key = load_matching_key(key, loaded, base)
+    matching_key = load_matching_key(key, loaded)
     for e in loaded:
         apply_edit(pipe, e, base)
     with key_block(pipe, matching_key):
@@ -254,13 +253,14 @@ def world_judge(model):
     return WorldJudge()
 
 
-# Base-model images of an evaluation plan, by (base fingerprint, concepts, n, sampling): every
-# edit of one base compared on the same plan samples the base model once per process.
+# Base-model images of an evaluation plan, by (the base model's weights and scheduler, concepts, n,
+# sampling): every edit of one base compared on the same plan samples the base model once per process.
 _ORIGINAL_IMAGES: dict[tuple, dict[str, np.ndarray]] = {}
 
 
-def _original_images(pipe, base: str, judge, plan, sampling: SamplingConfig, progress) -> dict[str, np.ndarray]:
-    key = (base, tuple(plan.erased), tuple(plan.preserved), tuple(plan.lookalikes), plan.n, sampling)
+def _original_images(pipe, base: Fingerprints, judge, plan, sampling: SamplingConfig, progress) -> dict[str, np.ndarray]:
+    model = json.dumps([base, dict(pipe.scheduler.config)], sort_keys=True, default=str)
+    key = (model, tuple(plan.erased), tuple(plan.preserved), tuple(plan.lookalikes), plan.n, sampling)
     if key not in _ORIGINAL_IMAGES:
         if len(_ORIGINAL_IMAGES) >= 8:
             _ORIGINAL_IMAGES.pop(next(iter(_ORIGINAL_IMAGES)))
@@ -322,10 +322,10 @@ def compare(
     judge = world_judge(model)
     plan = plan_for(judge, list(concepts), preserve, n)
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
-    base = fingerprint(pipe)
+    base = fingerprints(pipe)
     for e in loaded:
         check_edit(pipe, e, base)  # before minutes of sampling, not after
-    matching_key = load_matching_key(key, loaded, base)
+    matching_key = load_matching_key(key, loaded)
     original_images = _original_images(pipe, base, judge, plan, sampling, progress)
     original = recognition(judge, original_images)
     results, rows = [], []

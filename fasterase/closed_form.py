@@ -36,7 +36,7 @@ from .edits import encode_metadata, load_tagged, save_atomically
 from .errors import UserError
 from .kernels import ridge_solve
 from .models.family import context_width, family_of
-from .models.fingerprint import fingerprint
+from .models.fingerprint import Fingerprints, checked, difference, fingerprints
 from .models.text import encode_prompts
 
 GRAM_FORMAT = "fasterase-gram"
@@ -155,9 +155,9 @@ def prompt_gram(
     return total
 
 
-def text_encoder_fingerprint(pipe) -> str:
+def text_encoder_fingerprints(pipe) -> Fingerprints:
     """What a Gram of text embeddings depends on: the text encoders alone, not the UNet."""
-    return fingerprint(pipe, components=family_of(pipe).text_encoders)
+    return fingerprints(pipe, family_of(pipe).text_encoders)
 
 
 @dataclass
@@ -168,7 +168,7 @@ class PreservationGram:
     gram: torch.Tensor  # (d, d) float64
     prompts: int
     tokens: int  # token embeddings summed: every position of every prompt
-    text_encoder: str  # text_encoder_fingerprint of the pipeline it came from
+    text_encoder: Fingerprints  # text_encoder_fingerprints of the pipeline it came from
     model: str  # that pipeline's name, for messages
 
 
@@ -185,7 +185,7 @@ def preservation_gram(
             progress(n)
 
     total = prompt_gram(pipe, prompts, batch_size, counted).cpu()
-    return PreservationGram(total, count, count * pipe.tokenizer.model_max_length, text_encoder_fingerprint(pipe), model)
+    return PreservationGram(total, count, count * pipe.tokenizer.model_max_length, text_encoder_fingerprints(pipe), model)
 
 
 def save_gram(path: str | os.PathLike, cache: PreservationGram) -> None:
@@ -199,9 +199,13 @@ def load_gram(path: str | os.PathLike, pipe) -> PreservationGram:
     tensors, values = load_tagged(Path(path), GRAM_FORMAT)
     if "gram" not in tensors or any(key not in values for key in ("prompts", "tokens", "text_encoder", "model")):
         raise UserError(f"{path} lacks the gram tensor or its metadata")
-    if values["text_encoder"] != text_encoder_fingerprint(pipe):
-        raise UserError(
-            f"{path} was made with the text encoder of '{values['model']}' (fingerprint {values['text_encoder']}),"
-            f" not this model's ({text_encoder_fingerprint(pipe)})"
-        )
-    return PreservationGram(tensors["gram"], int(values["prompts"]), int(values["tokens"]), values["text_encoder"], values["model"])
+    counts = (values["prompts"], values["tokens"])
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts) or not isinstance(values["model"], str):
+        raise UserError(f"{path} has malformed metadata (prompts, tokens or model)")
+    dim = context_width(pipe)
+    gram_tensor = tensors["gram"]
+    if gram_tensor.shape != (dim, dim) or not gram_tensor.is_floating_point() or not torch.isfinite(gram_tensor).all():
+        raise UserError(f"{path}'s gram is not a finite {dim} x {dim} float matrix, as this model's text embeddings need")
+    if reason := difference(checked(values["text_encoder"], str(path)), text_encoder_fingerprints(pipe)):
+        raise UserError(f"{path} was made with the text encoder of '{values['model']}': {reason}")
+    return PreservationGram(gram_tensor.to(torch.float64), *counts, values["text_encoder"], values["model"])

@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from fasterase.errors import UserError
-from fasterase.models.fingerprint import portable_name
+from fasterase.models.family import family_of
+from fasterase.models.fingerprint import Fingerprints, checked, difference, portable_name
 
 EDIT_FORMAT = "fasterase-edit"
 KEY_FORMAT = "fasterase-key"
-FORMAT_VERSION = "1"
+# 2: fingerprints of every element, per component (version 1 sampled signs)
+FORMAT_VERSION = "2"
 _FORMAT_TAGS = ("format", "format_version")
 
 
@@ -47,7 +49,9 @@ class EditMetadata:
     method: str
     concepts: list[str]
     config: dict
-    base_fingerprint: str
+    # the fingerprints of the base model's components the method read (`models.fingerprint`): the
+    # edit applies to a model with the same weights in each of them
+    base_fingerprints: Fingerprints
     base_model: str
     version: str = field(default_factory=_library_version)
     # shared with the key written together with the edit (KPOP's), which works with this edit
@@ -165,35 +169,36 @@ def load_edit(path: str | os.PathLike) -> Edit:
     if missing:
         raise UserError(f"{path} lacks edit metadata: {', '.join(missing)}")
     names = [f.name for f in fields(EditMetadata) if f.name in values]
-    kinds = {"concepts": list, "config": dict}
+    kinds = {"concepts": list, "config": dict, "base_fingerprints": dict}
     for name in names:
         value, kind = values[name], kinds.get(name, str)
         if not isinstance(value, kind) or (name == "concepts" and not all(isinstance(c, str) for c in value)):
             raise UserError(f"{path} has edit metadata {name!r} of the wrong type ({type(value).__name__})")
+    checked(values["base_fingerprints"], str(path))
     return Edit(tensors, EditMetadata(**{name: values[name] for name in names}))
 
 
-def check_edit(pipe, edit: Edit, base_fingerprint: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def check_edit(pipe, edit: Edit, base: Fingerprints) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (model tensor, edit tensor) pairs that applying `edit` to `pipe` would copy.
 
-    `base_fingerprint` is `fingerprint(pipe)` taken when the base model was loaded. UserError if the
-    edit was made for another base model, names a tensor `pipe` lacks or shapes differently, gives
-    integer or bool values for float weights (or the reverse), or holds nan or inf.
+    `base` is `fingerprints(pipe)` taken when the base model was loaded. UserError if the edit was
+    made for another base model, changes a component its fingerprints do not cover (the VAE),
+    names a tensor `pipe` lacks or shapes differently, gives integer or bool values for float
+    weights (or the reverse), or holds nan or inf.
     """
     metadata = edit.metadata
-    if metadata.base_fingerprint != base_fingerprint:
-        raise UserError(
-            f"this edit was made for base model '{metadata.base_model}' (fingerprint"
-            f" {metadata.base_fingerprint}), not for this one (fingerprint {base_fingerprint})"
-        )
+    if reason := difference(metadata.base_fingerprints, base):
+        raise UserError(f"this edit was made for base model '{metadata.base_model}': {reason}")
+    editable = family_of(pipe).components()
     states: dict[str, dict[str, torch.Tensor]] = {}
     pairs = []
     for key, tensor in edit.tensors.items():
         component, _, name = key.partition(".")
+        if component not in editable or component not in metadata.base_fingerprints:
+            # a change the fingerprints cannot vouch for: the base it was made for is unknown
+            raise UserError(f"this edit changes '{key}': edits change only the {' and '.join(editable)}, on the base they were made for")
         if component not in states:
-            module = getattr(pipe, component, None)
-            state = module.state_dict(keep_vars=True) if isinstance(module, nn.Module) else {}
-            states[component] = {portable_name(component, k): v for k, v in state.items()}
+            states[component] = {portable_name(component, k): v for k, v in getattr(pipe, component).state_dict(keep_vars=True).items()}
         target = states[component].get(name)
         if target is None:
             raise UserError(f"this edit changes '{key}', which this model does not have")
@@ -210,12 +215,12 @@ def check_edit(pipe, edit: Edit, base_fingerprint: str) -> list[tuple[torch.Tens
     return pairs
 
 
-def apply_edit(pipe, edit: Edit, base_fingerprint: str) -> None:
+def apply_edit(pipe, edit: Edit, base: Fingerprints) -> None:
     """Copy the edit's tensors into `pipe`'s components, in place, in each target's dtype and device.
 
     Every target is checked (`check_edit`) before the first copy, so a bad edit changes nothing.
     """
-    pairs = check_edit(pipe, edit, base_fingerprint)
+    pairs = check_edit(pipe, edit, base)
     with torch.no_grad():
         for target, tensor in pairs:
             target.copy_(tensor)

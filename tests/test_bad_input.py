@@ -136,7 +136,7 @@ def test_untrusted_text_reaches_the_terminal_safe_and_short(tmp_path, capsys):
     from fasterase.edits import Edit, EditMetadata, save_edit
 
     edit = tmp_path / "foreign.safetensors"
-    save_edit(edit, Edit({}, EditMetadata("uce", ["circle"], {}, "0" * 16, "\x1b[2J\x1b]0;owned\x07 model\nsecond line")))
+    save_edit(edit, Edit({}, EditMetadata("uce", ["circle"], {}, {"unet": {"float16": "0" * 16}}, "\x1b[2J\x1b]0;owned\x07 model\nsecond line")))
     assert main(["generate", "--prompt", "a circle", "--edit", str(edit), "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and err.count("\n") == 1 and "\\x1b[2J" in err
@@ -149,7 +149,8 @@ def test_untrusted_text_reaches_the_terminal_safe_and_short(tmp_path, capsys):
     ({"concepts": "circle"}, "'concepts' of the wrong type"),
     ({"config": [1]}, "'config' of the wrong type"),
     ({"method": 3}, "'method' of the wrong type"),
-    ({"base_fingerprint": None}, "'base_fingerprint' of the wrong type"),
+    ({"base_fingerprints": None}, "'base_fingerprints' of the wrong type"),
+    ({"base_fingerprints": {"unet": {"float8": "0"}}}, "has malformed fingerprints"),
 ])
 def test_malformed_edit_metadata(base_edit, tmp_path, metadata, message):
     import json

@@ -67,7 +67,7 @@ def test_bad_yaml_config(capsys, tmp_path, text):
 def test_edit_made_for_another_model(capsys, tmp_path):
     edit = tmp_path / "foreign.safetensors"
     save_edit(edit, Edit(tensors={}, metadata=EditMetadata(
-        method="kpop", concepts=["circle"], config={}, base_fingerprint="0" * 16, base_model="another-model")))
+        method="kpop", concepts=["circle"], config={}, base_fingerprints={"unet": {"float16": "0" * 16}}, base_model="another-model")))
     grid = tmp_path / "grid.png"
     err = run_failing(capsys, ["generate", "--prompt", "a photo of a circle", "--edit", str(edit), "--out", str(grid)])
     assert "another-model" in err
@@ -128,7 +128,7 @@ def test_evaluate_compares_several_edits_in_one_table(capsys, tmp_path):
     """Edits of the built-in model made by hand (cheap): one table, a row per edit, same plan."""
     import json
 
-    from fasterase.models.fingerprint import fingerprint
+    from fasterase.models.fingerprint import fingerprints
     from fasterase.models.loading import load_pipeline
 
     pipe = load_pipeline()
@@ -136,7 +136,7 @@ def test_evaluate_compares_several_edits_in_one_table(capsys, tmp_path):
     edits = []
     for method, factor in (("kpop", 1.0), ("uce", 0.0)):
         path = tmp_path / f"{method}.safetensors"
-        metadata = EditMetadata(method=method, concepts=["circle"], config={}, base_fingerprint=fingerprint(pipe), base_model="builtin")
+        metadata = EditMetadata(method=method, concepts=["circle"], config={}, base_fingerprints=fingerprints(pipe, ("unet", "text_encoder")), base_model="builtin")
         save_edit(path, Edit(tensors={f"unet.{name}": weight.detach() * factor}, metadata=metadata))
         edits += ["--edit", str(path)]
     assert main(["evaluate", *edits, "--n", "2", "--sample-steps", "4", "--grid", str(tmp_path / "g.png"), "--json"]) == 0

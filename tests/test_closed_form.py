@@ -10,7 +10,6 @@ import types
 
 import pytest
 import torch
-from torch import nn
 
 from fasterase.closed_form import (
     PreservationGram,
@@ -289,15 +288,22 @@ def test_gram_cache_round_trip_and_refusal(tiny_pipeline_dir, tmp_path):
     assert torch.equal(loaded.gram, cache.gram)
     assert (loaded.prompts, loaded.tokens, loaded.text_encoder, loaded.model) == (3, cache.tokens, cache.text_encoder, "tiny")
     # the same text encoder with another UNet is fine; another text encoder is refused
-    assert load_gram(path, types.SimpleNamespace(unet=nn.Linear(2, 2), text_encoder=pipe.text_encoder)).prompts == 3
+    other_unet = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        next(other_unet.parameters()).neg_()
+    assert load_gram(path, types.SimpleNamespace(unet=other_unet, text_encoder=pipe.text_encoder)).prompts == 3
     other = copy.deepcopy(pipe.text_encoder)
     with torch.no_grad():
-        next(other.parameters()).neg_()
-    with pytest.raises(UserError, match="text encoder of 'tiny'"):
+        next(other.parameters()).mul_(1.5)
+    with pytest.raises(UserError, match="^.* was made with the text encoder of 'tiny': its text_encoder differs from this model's$"):
         load_gram(path, types.SimpleNamespace(unet=pipe.unet, text_encoder=other))
-    save_gram(path, PreservationGram(torch.eye(2, dtype=F64), 1, 77, "other", "tiny"))
-    with pytest.raises(UserError, match="text encoder"):
-        load_gram(path, pipe)
+    for gram, text_encoder, message in (
+        (torch.eye(2, dtype=F64), cache.text_encoder, "gram is not a finite"),
+        (cache.gram, "other", "malformed fingerprints"),
+    ):
+        save_gram(path, PreservationGram(gram, 1, 77, text_encoder, "tiny"))
+        with pytest.raises(UserError, match=message):
+            load_gram(path, pipe)
 
 
 def test_gram_cache_refuses_other_files(tmp_path):

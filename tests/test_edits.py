@@ -1,4 +1,4 @@
-"""The edit and key file formats, applying an edit, and the base-model fingerprint."""
+"""The edit and key file formats, applying an edit, and the base-model fingerprints."""
 
 import os
 import types
@@ -12,6 +12,7 @@ from fasterase.edits import (
     Edit,
     EditMetadata,
     apply_edit,
+    check_edit,
     edit_from_modules,
     load_edit,
     load_key,
@@ -19,13 +20,13 @@ from fasterase.edits import (
     save_key,
 )
 from fasterase.errors import UserError
-from fasterase.models.fingerprint import fingerprint
+from fasterase.models.fingerprint import difference, fingerprints
 
 
 def sd_pipe(unet: nn.Module, text_encoder: nn.Module) -> types.SimpleNamespace:
-    """Stand-ins for an SD1.x pipeline's UNet and text encoder (with the config the family is told by)."""
+    """Stand-ins for an SD1.x pipeline's UNet, text encoder (with the config the family is told by) and VAE."""
     text_encoder.config = types.SimpleNamespace(hidden_act="quick_gelu")
-    return types.SimpleNamespace(unet=unet, text_encoder=text_encoder)
+    return types.SimpleNamespace(unet=unet, text_encoder=text_encoder, vae=nn.Linear(2, 1))
 
 
 def tiny_pipe():
@@ -38,7 +39,7 @@ def metadata_for(pipe) -> EditMetadata:
         method="uce",
         concepts=["square", "van gogh"],
         config={"steps": 3, "preserve": ["circle"], "lr": 1e-5},
-        base_fingerprint=fingerprint(pipe),
+        base_fingerprints=fingerprints(pipe, ("unet", "text_encoder")),
         base_model="tiny",
     )
 
@@ -124,8 +125,11 @@ def test_apply_edit_refuses_another_base_model():
     pipe = tiny_pipe()
     edit = Edit({"unet.weight": torch.zeros(2, 3)}, metadata_for(pipe))
     before = pipe.unet.weight.detach().clone()
-    with pytest.raises(UserError, match="made for base model 'tiny' .*not for this one") as raised:
-        apply_edit(pipe, edit, base_fingerprint="0123456789abcdef")
+    other = tiny_pipe()
+    with torch.no_grad():
+        other.unet.weight.mul_(1.5)
+    with pytest.raises(UserError, match="^this edit was made for base model 'tiny': its unet differs from this model's$") as raised:
+        apply_edit(pipe, edit, fingerprints(other))
     assert "\n" not in str(raised.value)
     assert torch.equal(pipe.unet.weight, before)
 
@@ -133,11 +137,11 @@ def test_apply_edit_refuses_another_base_model():
 def test_apply_edit_copies_into_the_right_parameters():
     pipe = tiny_pipe()
     pipe.text_encoder.half()
-    base_fingerprint = fingerprint(pipe)
+    base = fingerprints(pipe)
     new_weight = torch.randn(2, 3, dtype=torch.float64)
     new_bias = torch.randn(2)
     edit = Edit({"unet.weight": new_weight, "text_encoder.bias": new_bias}, metadata_for(pipe))
-    apply_edit(pipe, edit, base_fingerprint)
+    apply_edit(pipe, edit, base)
     assert pipe.unet.weight.dtype == torch.float32
     assert torch.equal(pipe.unet.weight, new_weight.float())
     assert pipe.text_encoder.bias.dtype == torch.float16
@@ -148,8 +152,9 @@ def test_apply_edit_copies_into_the_right_parameters():
     "tensors, message",
     [
         ({"unet.no_such_weight": torch.zeros(2)}, "'unet.no_such_weight', which this model does not have"),
-        ({"vae.weight": torch.zeros(2)}, "'vae.weight', which this model does not have"),
         ({"unet.bias": torch.zeros(2, 3)}, r"'unet.bias' has shape \(2, 3\), the model's \(2,\)"),
+        # the VAE has a weight of that shape, but no fingerprint binds it to a base model
+        ({"vae.weight": torch.zeros(1, 2)}, "^this edit changes 'vae.weight': edits change only the unet and text_encoder, on the base they were made for$"),
     ],
 )
 def test_apply_edit_refuses_unknown_or_misshapen_tensors_and_changes_nothing(tensors, message):
@@ -157,7 +162,7 @@ def test_apply_edit_refuses_unknown_or_misshapen_tensors_and_changes_nothing(ten
     before = pipe.unet.weight.detach().clone()
     edit = Edit({"unet.weight": torch.zeros(2, 3), **tensors}, metadata_for(pipe))
     with pytest.raises(UserError, match=message):
-        apply_edit(pipe, edit, fingerprint(pipe))
+        apply_edit(pipe, edit, fingerprints(pipe))
     assert torch.equal(pipe.unet.weight, before)
 
 
@@ -176,17 +181,27 @@ def test_edit_from_modules_copies_named_tensors_to_cpu():
     assert not torch.equal(edit.tensors["unet.weight"], pipe.unet.weight)
 
 
-def test_fingerprint_does_not_depend_on_the_load_dtype():
+def test_fingerprints_agree_on_every_load_dtype_they_share():
+    """float32 loads fingerprint both canonical dtypes, half-precision loads their own: an edit made
+    on one load applies to every other load of its base except float16 against bfloat16."""
     torch.manual_seed(0)
-    # large enough that casting values (not signs) would differ between float16 and bfloat16
+    # large enough that double rounding (float16, then bfloat16) changes some elements
     pipe = sd_pipe(nn.Linear(64, 64), nn.Linear(32, 16))
-    reference = fingerprint(pipe)
-    assert len(reference) == 16 and int(reference, 16) >= 0
+    loads = {torch.float32: fingerprints(pipe)}
+    assert set(loads[torch.float32]["unet"]) == {"float16", "bfloat16"}
     for dtype in (torch.float16, torch.bfloat16):
         cast = sd_pipe(nn.Linear(64, 64).to(dtype), nn.Linear(32, 16).to(dtype))
         cast.unet.load_state_dict(pipe.unet.state_dict())
         cast.text_encoder.load_state_dict(pipe.text_encoder.state_dict())
-        assert fingerprint(cast) == reference
+        cast.vae = pipe.vae
+        loads[dtype] = fingerprints(cast)
+        assert set(loads[dtype]["unet"]) == {str(dtype).removeprefix("torch.")}
+    for made_on, recorded in loads.items():
+        for applied_on, actual in loads.items():
+            if {made_on, applied_on} == {torch.float16, torch.bfloat16}:
+                assert difference(recorded, actual).endswith(": load it in float32 to compare")
+            else:
+                assert difference(recorded, actual) is None
 
 
 def test_edits_and_fingerprints_carry_across_transformers_versions():
@@ -195,23 +210,55 @@ def test_edits_and_fingerprints_carry_across_transformers_versions():
     must apply under the other."""
     plain = tiny_pipe()
     prefixed = sd_pipe(plain.unet, nn.Module())
+    prefixed.vae = plain.vae
     prefixed.text_encoder.text_model = plain.text_encoder  # state_dict names text_model.weight, ...
-    assert fingerprint(prefixed) == fingerprint(plain)
+    assert fingerprints(prefixed) == fingerprints(plain)
     for value, (made_on, applied_on) in enumerate(((plain, prefixed), (prefixed, plain))):
         names = list(made_on.text_encoder.state_dict())
         edit = edit_from_modules({"text_encoder": made_on.text_encoder}, {"text_encoder": names}, metadata_for(plain))
         assert edit.tensors.keys() == {"text_encoder.weight", "text_encoder.bias"}
         edit.tensors["text_encoder.bias"] = torch.full((2,), float(value))
-        apply_edit(applied_on, edit, fingerprint(applied_on))
+        apply_edit(applied_on, edit, fingerprints(applied_on))
         assert torch.equal(plain.text_encoder.bias, torch.full((2,), float(value)))  # the one module both name
 
 
-def test_fingerprint_changes_when_a_weight_changes_a_lot():
-    pipe = tiny_pipe()
-    reference = fingerprint(pipe)
+@pytest.mark.parametrize("component", ["unet", "text_encoder", "vae"])
+def test_fingerprints_see_every_element(component):
+    """Any element changed by one float16 step, in float32 and in float16 weights, changes its
+    component's fingerprint and no other."""
+    for dtype in (torch.float32, torch.float16):
+        pipe = tiny_pipe()
+        pipe.unet, pipe.text_encoder, pipe.vae = pipe.unet.to(dtype), pipe.text_encoder.to(dtype), pipe.vae.to(dtype)
+        reference = fingerprints(pipe)
+        for name, tensor in getattr(pipe, component).state_dict(keep_vars=True).items():
+            for index in range(tensor.numel()):
+                flat = tensor.data.view(-1)
+                before = flat[index].clone()
+                flat[index] = torch.nextafter(before.half(), torch.tensor(float("inf"), dtype=torch.float16)).to(dtype)
+                changed = fingerprints(pipe)
+                flat[index] = before
+                assert {c for c in reference if changed[c]["float16"] != reference[c]["float16"]} == {component}, (name, index)
+        assert fingerprints(pipe) == reference
+
+
+def test_builtin_model_with_a_scaled_attention_weight_refuses_its_edits():
+    """The issue's example: a copy of the base model with one attention weight scaled by 1.5."""
+    from fasterase.models.loading import load_pipeline
+
+    pipe = load_pipeline(None)
+    base = fingerprints(pipe)
+    edit = Edit({"text_encoder.final_layer_norm.bias": torch.zeros(pipe.text_encoder.config.hidden_size)}, metadata_for(pipe))
+    copy = load_pipeline(None)
     with torch.no_grad():
-        pipe.text_encoder.weight[0, 0].neg_()
-    assert fingerprint(pipe) != reference
+        copy.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.mul_(1.5)
+    check_edit(pipe, edit, base)
+    with pytest.raises(UserError, match="its unet differs from this model's"):
+        check_edit(copy, edit, fingerprints(copy))
+    # the VAE is no part of an edit's base: a model with another VAE takes it
+    with torch.no_grad():
+        copy = load_pipeline(None)
+        next(copy.vae.parameters()).mul_(1.5)
+    check_edit(copy, edit, fingerprints(copy))
 
 
 def test_key_round_trip(tmp_path):

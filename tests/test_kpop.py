@@ -66,7 +66,7 @@ def test_writes_edit_and_key_separately(circle_edit):
     assert all(".attn2." in k for k in edit.tensors), "default trainable set: cross-attention only"
     tensors, metadata = load_key(circle_edit.key)
     assert set(tensors) == {"prompt"} and "prompt" not in " ".join(edit.tensors)
-    assert metadata["base_fingerprint"] == edit.metadata.base_fingerprint
+    assert metadata["edit"] == edit.metadata.key
 
 
 @pytest.mark.slow
