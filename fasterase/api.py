@@ -216,6 +216,8 @@ def key_block(pipe, key: tuple[dict, dict] | None):
     if key is None:
         return contextlib.nullcontext()
     tensors, metadata = key
+    if not isinstance(metadata.get("method"), str):
+        raise UserError("this key names no method")
     return get_method(metadata["method"]).key_processors(pipe, tensors, metadata)
 
 

@@ -202,6 +202,32 @@ def test_a_key_works_with_its_own_edit_alone(tiny_pipeline_dir, two_kpop_edits, 
     assert not grid.exists()
 
 
+@pytest.mark.parametrize("tensors, metadata, message", [
+    ({}, {}, "this key is malformed"),
+    ({"prompt": torch.zeros(3, 5)}, {}, "this key is malformed"),
+    ({"prompt": torch.full((1, 32), float("nan"))}, {}, "this key is malformed"),
+    ({"prompt": torch.zeros(1, 32, dtype=torch.int8)}, {}, "this key is malformed"),
+    ({"prompt": torch.zeros(2, 32)}, {"prompt_mode": "additive"}, "this key is malformed"),
+    (None, {"inject": ["mid"]}, "this key is malformed"),
+    (None, {"method": ["kpop"]}, "this key names no method"),
+    (None, {"method": "uce"}, "uce edits have no key"),
+])
+def test_malformed_keys_of_the_right_edit(tiny_pipeline_dir, two_kpop_edits, tmp_path, tensors, metadata, message):
+    """A key that names its edit but whose prompt or metadata do not fit the model."""
+    from fasterase.edits import KEY_FORMAT, encode_metadata, load_key, save_atomically
+    from fasterase.evaluation.sampling import SamplingConfig
+
+    first = two_kpop_edits[0]
+    key_tensors, key_metadata = load_key(first.key)
+    key = tmp_path / "spoilt.key.safetensors"
+    spoilt_tensors = key_tensors if tensors is None else tensors
+    save_atomically(key, spoilt_tensors, encode_metadata(KEY_FORMAT, {**key_metadata, **metadata}))
+    grid = tmp_path / "g.png"
+    with pytest.raises(UserError, match=message):
+        api.generate(["a circle"], model=tiny_pipeline_dir, edit=first.edit, key=key, n=1, out=grid, sampling=SamplingConfig(steps=2))
+    assert not grid.exists()
+
+
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt(), SystemExit(143)])
 def test_the_edit_and_its_key_are_written_together_or_not_at_all(two_kpop_edits, tmp_path, monkeypatch, failure):
     """A full disk or an interruption while the second file is written leaves neither new file,

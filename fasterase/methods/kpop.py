@@ -32,8 +32,9 @@ from torch import nn
 
 from ..attention import INJECTION_SITES, LearnedPrompt, prompt_processors
 from ..config import check_choice, option
+from ..errors import UserError
 from ..evaluation.sampling import chunk_size
-from ..models.family import denoise, encode
+from ..models.family import context_width, denoise, encode
 from . import ErasureResult, Method, Progress, register
 from .parameters import select_parameters
 from .trajectories import predict_noise
@@ -160,9 +161,22 @@ class KPOP(Method):
 
     @staticmethod
     def key_processors(pipe, key: dict[str, torch.Tensor], metadata: dict, backend: str = "auto"):
-        """A block in which the pipeline runs with the key's prompt in place (the concept returns)."""
-        tokens = key["prompt"]
-        prompt = LearnedPrompt(metadata["prompt_mode"], tokens.shape[0], tokens.shape[1], init=tokens)
+        """A block in which the pipeline runs with the key's prompt in place (the concept returns).
+        UserError if the key's prompt or its metadata do not fit this model."""
+        tokens, mode, inject = key.get("prompt"), metadata.get("prompt_mode"), metadata.get("inject")
+        # concat: any number of tokens; additive: one per text position
+        lengths = {"concat": None, "additive": pipe.tokenizer.model_max_length}
+        if not (
+            isinstance(mode, str) and mode in lengths and isinstance(inject, str) and inject in INJECTION_SITES
+            and tokens is not None and tokens.is_floating_point() and tokens.dim() == 2 and tokens.shape[0] > 0
+            and tokens.shape[1] == context_width(pipe) and lengths[mode] in (None, tokens.shape[0])
+            and torch.isfinite(tokens).all()
+        ):
+            raise UserError(
+                f"this key is malformed: it needs a finite float 'prompt' (tokens x {context_width(pipe)}),"
+                f" a prompt_mode ({' or '.join(lengths)}) and an inject site ({', '.join(INJECTION_SITES)})"
+            )
+        prompt = LearnedPrompt(mode, tokens.shape[0], tokens.shape[1], init=tokens)
         prompt = prompt.to(device=pipe.device, dtype=pipe.unet.dtype)
         prompt.active_from = 0
-        return prompt_processors(pipe.unet, prompt, metadata["inject"], backend)
+        return prompt_processors(pipe.unet, prompt, inject, backend)
