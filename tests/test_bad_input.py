@@ -3,6 +3,8 @@ and no file created, changed or removed; all of them refused before any model lo
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -68,6 +70,64 @@ def test_bad_api_calls(call, message, tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         call(tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def _edit_json(path, **changes):
+    import json
+
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _pickled_unet(folder):
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))  # its bytes are never read: refused by name
+
+
+def _custom_code(folder):
+    _edit_json(folder / "model_index.json", unet=["my_unet", "MyUNet"])
+    (folder / "unet" / "my_unet.py").write_text("raise SystemExit('custom code ran')\n")
+
+
+def _pndm_with_runge_kutta(folder):
+    _edit_json(folder / "scheduler" / "scheduler_config.json", _class_name="PNDMScheduler", skip_prk_steps=False)
+    _edit_json(folder / "model_index.json", scheduler=["diffusers", "PNDMScheduler"])
+
+
+MODEL_FOLDERS = [
+    (_pickled_unet, "has its weights only as a pickle (diffusion_pytorch_model.bin), which fasterase never reads"),
+    (lambda f: shutil.rmtree(f / "vae"), "lacks its vae: model_index.json names one, but there is no folder vae/"),
+    (lambda f: shutil.rmtree(f / "tokenizer"), "lacks its tokenizer"),
+    (_custom_code, "contains custom code"),
+    (lambda f: (f / "model_index.json").write_text("{not json"), "model_index.json as JSON"),
+    (lambda f: (f / "unet" / "config.json").write_text("[1, 2]"), "unet/config.json is not a JSON object"),
+    (lambda f: _edit_json(f / "unet" / "config.json", sample_size="abc"), "the UNet's sample_size is 'abc'"),
+    (lambda f: _edit_json(f / "unet" / "config.json", cross_attention_dim=48), "could not load the pipeline"),
+    (lambda f: _edit_json(f / "vae" / "config.json", scaling_factor="x"), "the VAE's scaling_factor ('x') must be a positive number"),
+    (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="bogus"), "prediction type 'bogus' is not supported"),
+    (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", num_train_timesteps=-5), "could not load the pipeline"),
+    (_pndm_with_runge_kutta, "the model's PNDMScheduler cannot draw images in 2 steps"),
+    (lambda f: (f / "text_encoder" / "model.safetensors").write_bytes(b"\x08" * 64), "could not load the pipeline"),
+]
+
+
+@pytest.mark.parametrize("spoil, message", MODEL_FOLDERS, ids=[m[:40] for _, m in MODEL_FOLDERS])
+def test_model_folders_that_cannot_be_used(tiny_pipeline_dir, tmp_path, capsys, spoil, message):
+    """Folders diffusers cannot load, or loads but could not draw with: one line, before any image."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    spoil(folder)
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    argv = ["generate", "--model", str(folder), "--prompt", "a circle", "--n", "1", "--sample-steps", "2", "--out", str(tmp_path / "g.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "custom code ran" not in err, err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
+
+
+def test_more_sampling_steps_than_the_scheduler_has(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a circle", "--n", "1", "--sample-steps", "5000", "--out", str(tmp_path / "g.png")]) == 2
+    assert "DDIMScheduler cannot draw images in 5000 steps" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from ..config import check_options, option
+from ..errors import UserError, first_line
 
 
 @dataclass(frozen=True)  # hashable: it keys the cache of a base model's evaluation images
@@ -35,6 +37,21 @@ def chunk_size(pipe, requested: int = 0) -> int:
     return requested or max(1, min(MAX_CHUNK, LATENT_PIXELS_PER_CHUNK // pipe.unet.config.sample_size**2))
 
 
+def check_steps(scheduler, steps: int) -> None:
+    """UserError unless `scheduler` can draw an image in `steps` steps, which only the scheduler
+    knows (PNDM's Runge-Kutta warm-up needs at least 4, none more than its training timesteps):
+    a dry run, on a copy, over one zero latent pixel."""
+    dry = copy.deepcopy(scheduler)
+    try:
+        dry.set_timesteps(steps)
+        x = torch.zeros(1, 1, 1, 1)
+        for t in dry.timesteps:
+            x = dry.step(torch.zeros_like(x), t, dry.scale_model_input(x, t)).prev_sample
+    except Exception as exc:  # each scheduler raises its own types; the user needs one line
+        steps_text = f"{steps} step" + ("s" if steps > 1 else "")
+        raise UserError(f"the model's {type(scheduler).__name__} cannot draw images in {steps_text} ({first_line(exc)})") from None
+
+
 def generate(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), progress=None) -> np.ndarray:
     """Images (N, H, W, 3) float32 in [0, 1], one per prompt (see `generate_chunks`)."""
     return np.concatenate(list(generate_chunks(pipe, prompts, cfg, progress)))
@@ -50,6 +67,7 @@ def generate_chunks(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConf
     base on the same noise.
     """
     pipe.set_progress_bar_config(disable=True)
+    check_steps(pipe.scheduler, cfg.steps)
     size = chunk_size(pipe, cfg.batch_size)
     for i, start in enumerate(range(0, len(prompts), size)):
         chunk = prompts[start : start + size]

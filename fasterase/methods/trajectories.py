@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..evaluation.sampling import check_steps
 from ..models.family import Conditioning, denoise, encode, unconditional
 
 
@@ -42,6 +43,7 @@ def sample_trajectories(pipe, prompts: list[str], steps: int, guidance: float, s
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    check_steps(scheduler, steps)
     scheduler.set_timesteps(steps, device=pipe.device)
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size

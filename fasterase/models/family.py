@@ -16,6 +16,7 @@ Everything else (the SDXL refiner, inpainting UNets, SD3, Flux, ...) is refused 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from ..errors import UserError
 
 SUPPORTED = "SD1.x, SD2.x and SDXL base"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ TEXT_ENCODERS = tuple(dict.fromkeys(name for f in FAMILIES.values() for name in 
 _SD2_ACTIVATION = "gelu"
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -77,13 +79,13 @@ def folder_family(folder: Path) -> Family:
     for a folder that is no pipeline folder."""
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     kind = index.get("_class_name")
-    unet = _read_json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else {}
+    unet = read_json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else {}
     if unet.get("in_channels", 4) != 4:
         raise _unsupported(f"{folder}: a UNet with {unet['in_channels']} input channels (inpainting or instruction editing)")
     if kind == "StableDiffusionPipeline":
-        text = _read_json(folder / "text_encoder" / "config.json") if (folder / "text_encoder" / "config.json").is_file() else {}
+        text = read_json(folder / "text_encoder" / "config.json") if (folder / "text_encoder" / "config.json").is_file() else {}
         return SD2 if text.get("hidden_act") == _SD2_ACTIVATION else SD1
     if kind == "StableDiffusionXLPipeline" and index.get("text_encoder", [None])[0] is not None:
         if unet.get("addition_embed_type") == "text_time":
@@ -211,6 +213,25 @@ def noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_configs(pipe, where: str) -> None:
+    """UserError if a loaded pipeline's configs hold values that diffusers reads only while drawing
+    or training, where a bad one would fail deep inside: the UNet's sample size, the VAE's latent
+    scaling, the scheduler's prediction type."""
+    size = pipe.unet.config.sample_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"{where}: the UNet's sample_size is {size!r}, not a positive whole number")
+    scale, shift = getattr(pipe.vae.config, "scaling_factor", None), getattr(pipe.vae.config, "shift_factor", None)
+    if not (_finite_number(scale) and scale > 0 and (shift is None or _finite_number(shift))):
+        raise UserError(f"{where}: the VAE's scaling_factor ({scale!r}) must be a positive number, its shift_factor ({shift!r}) a number or null")
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise UserError(f"{where}: the scheduler's prediction type {kind!r} is not supported ({', '.join(PREDICTION_TYPES)})")
+
+
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet should predict for x_t = add_noise(latents, noise, t), in the scheduler's
     prediction type: the noise (epsilon), the velocity (v_prediction) or the clean latents (sample)."""
@@ -219,6 +240,4 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise UserError(f"the scheduler's prediction type {kind!r} is not supported (epsilon, v_prediction or sample)")
+    return latents  # "sample"; `check_configs` refused every other type at load

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, first_line
-from .family import family_of, folder_family
+from .family import check_configs, family_of, folder_family, read_json
 
 BUILTIN = "builtin"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -31,7 +31,8 @@ def builtin_model_dir() -> Path:
     return Path(str(resources.files("fasterase.toyworld") / "weights" / "pipeline"))
 
 
-def _finish(pipe, device: str | torch.device):
+def _finish(pipe, device: str | torch.device, where: Path):
+    check_configs(pipe, str(where))
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for name in (*family_of(pipe).components(), "vae"):
@@ -81,13 +82,30 @@ def load_pipeline(
         family = checkpoint_family(path)
         config_dir = Path(model_config).expanduser() if model_config is not None else None
         pipeline_class = getattr(diffusers, family.pipeline_class)
-        return _finish(load_single_file(path, family, config_dir, pipeline_class, **_pipeline_options(pipeline_class, dtype)), device)
+        return _finish(load_single_file(path, family, config_dir, pipeline_class, **_pipeline_options(pipeline_class, dtype)), device, path)
     pipeline_class = getattr(diffusers, folder_family(path).pipeline_class)
+    _check_components(path)
     try:
         pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **_pipeline_options(pipeline_class, dtype))
     except Exception as exc:  # diffusers and transformers raise many types here; the user needs one line
         raise UserError(f"could not load the pipeline in {path}: {first_line(exc)}") from exc
-    return _finish(pipe, device)
+    return _finish(pipe, device, path)
+
+
+# Where weights of a component may be stored as a pickle, which diffusers would fall back to
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _check_components(folder: Path) -> None:
+    """UserError if a component that model_index.json names has no folder, or has its weights
+    only as a pickle (which fasterase never reads), before diffusers says it less plainly."""
+    for name, spec in read_json(folder / "model_index.json").items():
+        if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(part, str) for part in spec)):
+            continue  # a setting, or a component the pipeline goes without ([null, null])
+        if not (folder / name).is_dir():
+            raise UserError(f"{folder} lacks its {name}: model_index.json names one, but there is no folder {name}/")
+        if not any((folder / name).glob("*.safetensors")) and (pickled := [p.name for pattern in _PICKLED for p in (folder / name).glob(pattern)]):
+            raise UserError(f"{folder / name} has its weights only as a pickle ({pickled[0]}), which fasterase never reads: convert them to .safetensors")
 
 
 def local_path(model: str | Path | None) -> Path:
