@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from .attention import backend_processors
-from .config import make_config, preset as load_preset, read_yaml
+from .config import SamplingConfig, check_count, strings
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
 from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
 from .evaluation.report import plan_for, recognition, report, sample_concepts
-from .evaluation.sampling import SamplingConfig, generate as sample_images
+from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
-from .methods import Progress, get_method
+from .methods import Progress, erase_config, get_method
 from .models.fingerprint import Fingerprints, fingerprints
 from .models.family import family_of
 from .models.loading import BUILTIN, DTYPES, load_pipeline, local_path, model_name, model_path, stored_dtype
@@ -59,16 +59,6 @@ def ensure_writable(path: Path, inputs: Iterable[str | Path | None] = ()) -> Pat
         if source.is_dir() and source.resolve() in target.parents:
             raise UserError(f"cannot write {path}: it is inside the input folder {source}")
     return path
-
-
-def strings(name: str, value, *, optional: bool = False) -> list[str] | None:
-    """`value` as a list of strings, or a one-line UserError naming the argument: a str is
-    refused, not read as the list of its characters."""
-    if value is None and optional:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"{name} must be a list of strings, not {shown(value)}")
-    return list(value)
 
 
 def key_path_for(edit_path: Path) -> Path:
@@ -118,19 +108,8 @@ def erase(
     With dtype float16 or bfloat16 on a GPU the frozen weights are loaded in that dtype; on a CPU
     the run computes in float32 and says so. The edit's tensors are written in the base model's
     stored dtype (`edit_dtype` chooses another)."""
-    if not isinstance(method, str):
-        raise UserError(f"method must be a method's name, not {shown(method)}")
-    concepts = strings("concepts", concepts, optional=True)
+    cfg = erase_config(method, concepts, config=config, preset=preset, **options)
     method_class = get_method(method)
-    layers = [load_preset(method, preset)] if preset else []
-    if config is not None:
-        layers.append(read_yaml(config))
-    overrides = {k: v for k, v in options.items() if v is not None}
-    if concepts:
-        overrides["concepts"] = list(concepts)
-    cfg = make_config(method_class.config_class, *layers, overrides)
-    if not cfg.concepts:
-        raise UserError(f"{method} needs at least one concept to erase")
     device = default_device()
     if cfg.dtype != "float32" and device.type != "cuda":
         notify(f"no GPU here: {cfg.dtype} runs in float32")
@@ -176,12 +155,6 @@ def check_finite(result) -> None:
     non-finite gradient in the last steps, which no loss showed yet)."""
     if bad := [name for name, value in result.tensors.items() if not torch.isfinite(value).all()]:
         raise UserError(f"the erasure produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}); with --fp16 try --bf16 or float32, else a lower learning rate; nothing was written")
-
-
-def check_count(name: str, value) -> None:
-    """A UserError unless `value` is an int of at least 1 (a number of images)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be a whole number of at least 1, not {shown(value)}")
 
 
 def _slug(concepts: list[str]) -> str:

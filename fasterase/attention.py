@@ -16,18 +16,8 @@ from torch import nn
 
 from . import kernels
 from .kernels import AttentionStats, Capture
+from .names import INJECTION_SITES, is_cross_attention
 
-# Where a learned prompt goes, by the names diffusers gives the UNet's attention layers.
-INJECTION_SITES = {
-    "mid": ("mid_block.",),
-    "mid_up": ("mid_block.", "up_blocks."),
-    "all": ("down_blocks.", "mid_block.", "up_blocks."),
-}
-
-
-def is_cross_attention(name: str) -> bool:
-    """Whether a name from `unet.attn_processors` or `unet.named_parameters` is in a cross-attention layer."""
-    return ".attn2." in name or name.endswith(".attn2.processor")
 
 
 class LearnedPrompt(nn.Module):

@@ -51,7 +51,7 @@ def _parse_set(item: str) -> tuple[str, object]:
 
 
 def _cmd_erase(args) -> int:
-    from . import api
+    from .methods import erase_config
 
     bar = None
 
@@ -68,6 +68,10 @@ def _cmd_erase(args) -> int:
         "images": args.images, "masks": args.masks,
     }
     options = dict(_parse_set(item) for item in args.set) | {k: v for k, v in flags.items() if v is not None}
+    # The whole config is checked before torch is imported; api.erase builds it again from the same arguments.
+    erase_config(args.method, args.concept, config=args.config, preset=args.preset, **options)
+    from . import api
+
     try:
         summary = api.erase(
             args.method, args.concept, model=args.model, model_config=args.model_config, out=args.out, config=args.config, preset=args.preset,
@@ -93,27 +97,34 @@ def _cmd_erase(args) -> int:
     return 0
 
 
+def _sampling(args):
+    """The sampling options of generate and evaluate, checked (as --n is) before torch is imported."""
+    from .config import SamplingConfig, check_count
+
+    check_count("n", args.n)
+    return SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.sample_batch, seed=args.seed)
+
+
 def _cmd_generate(args) -> int:
+    sampling = _sampling(args)
     from . import api
-    from .evaluation.sampling import SamplingConfig
 
     path = api.generate(
-        args.prompt, model=args.model, model_config=args.model_config, edit=args.edit, key=args.key, n=args.n, out=args.out,
-        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.sample_batch, seed=args.seed),
+        args.prompt, model=args.model, model_config=args.model_config, edit=args.edit, key=args.key, n=args.n, out=args.out, sampling=sampling,
     )
     print(json.dumps({"grid": str(path)}) if args.json else f"wrote {path}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
+    sampling = _sampling(args)
     from . import api
     from .evaluation.report import format_comparison, format_table
-    from .evaluation.sampling import SamplingConfig
 
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
     comparison = api.compare(
         args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
-        sampling=SamplingConfig(steps=args.sample_steps, guidance=args.guidance, batch_size=args.sample_batch, seed=args.seed),
+        sampling=sampling,
     )
     single = len(args.edit) == 1
     if args.json:
@@ -225,7 +236,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
+    from .methods import CONFIGS
+    from .names import BACKEND_NAMES
 
     parser = _Parser(prog="fasterase", description="Erase concepts from text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_config_help = "with a single-file --model: a local diffusers folder of the same family whose configs and tokenizers it uses (offline)"
 
     p = sub.add_parser("erase", help="erase concepts and write an edit")
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(CONFIGS))}")
     p.add_argument("--concept", action="append", help="a concept to erase (repeat for several)")
     p.add_argument("--preserve", action="append", help="a concept to keep (repeat for several)")
     p.add_argument("--model", help=model_help)
@@ -244,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: the method's)")
     p.add_argument("--config", help="a YAML file of method options")
     p.add_argument("--preset", help="a packaged preset, e.g. sd14 (the paper's settings)")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="kernel backend (default auto: the fastest that runs here); ops not written in a forced backend run torch")
+    p.add_argument("--backend", choices=("auto", *BACKEND_NAMES), help="kernel backend (default auto: the fastest that runs here); ops not written in a forced backend run torch")
     p.add_argument("--seed", type=int)
     p.add_argument("--images", help="a folder of the concept's images (methods that learn from images; default: sampled from the model)")
     p.add_argument("--masks", help="a folder of masks named like the images (white: the concept)")
@@ -322,10 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
         return exc.code if isinstance(exc.code, int) else 2
-    import transformers
-
-    # transformers warns about optional packages (torchvision) that fasterase never uses.
-    transformers.utils.logging.set_verbosity_error()
     # SIGTERM unwinds like SIGINT, so that what is half-written (temporary files) is removed.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:

@@ -21,33 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import MethodConfig, option
 from .errors import UserError
 from .evaluation.sampling import SamplingConfig, generate_chunks
 from .models.family import image_size
-
-
-@dataclass
-class ImageMethodConfig(MethodConfig):
-    """Options of every method that learns from images of the concept."""
-
-    images: str = option("", "a folder of the concepts' images (one subfolder per concept when there are several); '' draws them with the base model")
-    masks: str = option("", "a folder of masks named like the images (white: the concept); needs images")
-    sample_steps: int = option(25, "DDIM steps of the images the base model draws", at_least=1)
-    guidance: float = option(5.0, "classifier-free guidance of the images the base model draws")
-
-    def sampling(self) -> SamplingConfig:
-        """How the base model draws the concepts' images when no folder is given."""
-        return SamplingConfig(steps=self.sample_steps, guidance=self.guidance, batch_size=self.sample_batch, seed=self.seed)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.masks and not self.images:
-            raise UserError("masks need the images they belong to: give images as well")
-        for name in ("images", "masks"):
-            folder = getattr(self, name)
-            if folder and not Path(folder).expanduser().is_dir():
-                raise UserError(f"{name} folder {folder} does not exist")
 
 
 @dataclass

@@ -12,9 +12,8 @@ from typing import Any
 import yaml
 
 from .errors import UserError, shown
-from .kernels import BACKEND_NAMES, backend_for
+from .names import BACKEND_NAMES, DTYPE_NAMES
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # No count, step, size or seed is larger: beyond, torch's generators and tensor shapes overflow.
 INT_LIMIT = 2**31 - 1
 
@@ -112,6 +111,8 @@ class MethodConfig:
     def op_backend(self, op: str) -> str:
         """The backend `op` runs on in this run: `backend` where `op` is written in it, else the
         torch reference (see `fasterase.kernels.backend_for`)."""
+        from .kernels import backend_for  # imports torch, which checking a config does not need
+
         return backend_for(op, self.backend)
 
     def prompt_concepts(self) -> list[str]:
@@ -121,6 +122,35 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)  # hashable: it keys the cache of a base model's evaluation images
+class SamplingConfig:
+    """How images are drawn (`fasterase.evaluation.sampling`)."""
+
+    steps: int = option(25, "denoising steps per image", at_least=1)
+    guidance: float = option(5.0, "classifier-free guidance scale")
+    batch_size: int = option(0, "prompts drawn at a time; 0: `chunk_size`'s default for the model")
+    seed: int = option(0, "seed of the first chunk's noise")
+
+    def __post_init__(self):
+        check_options(self)
+
+
+def strings(name: str, value, *, optional: bool = False) -> list[str] | None:
+    """`value` as a list of strings, or a one-line UserError naming the argument: a str is
+    refused, not read as the list of its characters."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{name} must be a list of strings, not {shown(value)}")
+    return list(value)
+
+
+def check_count(name: str, value) -> None:
+    """A UserError unless `value` is an int of at least 1 (a number of images)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a whole number of at least 1, not {shown(value)}")
 
 
 def per_concept(name: str, values: list[str], concepts: list[str]) -> list[str]:

@@ -13,11 +13,10 @@ from typing import Callable
 import torch
 
 from fasterase.errors import UserError
+from fasterase.names import BACKEND_NAMES
 
 from .reference import cross_attention_reference
 from .ridge_solve import ridge_solve_cuda, ridge_solve_reference
-
-BACKEND_NAMES = ("torch", "triton", "cuda")
 
 
 def _cross_attention_triton(*args):

@@ -12,9 +12,9 @@ from fasterase.attention import (
     backend_processors,
     capture_processors,
     cross_attention_processors,
-    is_cross_attention,
     prompt_processors,
 )
+from fasterase.names import is_cross_attention
 from fasterase.models.loading import load_pipeline
 from fasterase.models.text import encode_prompts, token_columns
 

@@ -51,6 +51,39 @@ def test_bad_commands(argv, message, tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+USAGE_ERRORS = [
+    ["erase", "--method", "kpop", "--concept", "circle", "--stesp", "3"],
+    ["erase", "--method", "nope", "--concept", "circle"],
+    ["erase", "--method", "kpop", "--concept", "circle", "--set", "lr=-1"],
+    ["erase", "--method", "kpop", "--concept", "circle", "--set", "inject=nowhere"],
+    ["erase", "--method", "fmn", "--concept", "circle", "--set", "templates=['no braces']"],
+    ["erase", "--method", "kpop", "--concept", "circle", "--preset", "sd99"],
+    ["erase", "--method", "uce"],
+    ["generate", "--prompt", "a circle", "--n", "0"],
+    ["generate", "--prompt", "a circle", "--sample-steps", "0"],
+    ["evaluate", "--edit", "e.safetensors", "--guidance", "nan"],
+]
+
+
+def test_usage_errors_come_before_the_heavy_imports():
+    """Options are parsed and checked whole before torch, diffusers or transformers is imported,
+    so a mistake is answered at once (a fresh interpreter, since this one has them loaded)."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from fasterase.cli import main\n"
+        f"codes = [main(argv) for argv in {json.dumps(USAGE_ERRORS)}]\n"
+        "print(json.dumps([codes, sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules)]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    codes, heavy = json.loads(result.stdout.splitlines()[-1])
+    assert codes == [2] * len(USAGE_ERRORS) and heavy == [], (codes, heavy, result.stderr)
+    assert len(result.stderr.splitlines()) == len(USAGE_ERRORS) and "Traceback" not in result.stderr
+
+
 CALLS = [
     (lambda tmp: fasterase.erase("uce", "circle", out=tmp / "e.safetensors"), "concepts must be a list of strings, not 'circle'"),
     (lambda tmp: fasterase.erase(3, ["circle"], out=tmp / "e.safetensors"), "method must be a method's name"),
@@ -250,7 +283,7 @@ def two_kpop_edits(tiny_pipeline_dir, tmp_path_factory):
 def test_a_key_works_with_its_own_edit_alone(tiny_pipeline_dir, two_kpop_edits, tmp_path):
     first, second = two_kpop_edits
     grid = tmp_path / "g.png"
-    from fasterase.evaluation.sampling import SamplingConfig
+    from fasterase.config import SamplingConfig
 
     run = {"model": tiny_pipeline_dir, "n": 1, "out": grid, "sampling": SamplingConfig(steps=2)}
     api.generate(["a circle"], edit=first.edit, key=first.key, **run)
@@ -275,7 +308,7 @@ def test_a_key_works_with_its_own_edit_alone(tiny_pipeline_dir, two_kpop_edits, 
 def test_malformed_keys_of_the_right_edit(tiny_pipeline_dir, two_kpop_edits, tmp_path, tensors, metadata, message):
     """A key that names its edit but whose prompt or metadata do not fit the model."""
     from fasterase.edits import KEY_FORMAT, encode_metadata, load_key, save_atomically
-    from fasterase.evaluation.sampling import SamplingConfig
+    from fasterase.config import SamplingConfig
 
     first = two_kpop_edits[0]
     key_tensors, key_metadata = load_key(first.key)

@@ -9,7 +9,8 @@ import torch
 from fasterase import api
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.ca import CA, CAConfig  # importing registers the method
+from fasterase.methods.ca import CA  # importing registers the method
+from fasterase.methods.configs import CAConfig
 
 TINY = {"concepts": ["circle", "ring"], "steps": 2, "trajectories": 2, "sample_steps": 2, "batch_size": 2, "log_every": 1}
 

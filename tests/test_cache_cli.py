@@ -43,7 +43,8 @@ def test_cache_build_writes_the_gram_of_the_captions(tiny_pipeline_dir, tmp_path
 
 def test_methods_read_the_built_cache(tiny_pipeline_dir, tmp_path, capsys):
     from fasterase.config import make_config
-    from fasterase.methods.uce import UCE, UCEConfig
+    from fasterase.methods.configs import UCEConfig
+    from fasterase.methods.uce import UCE
     from fasterase.models.loading import load_pipeline
 
     (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS * 4))

@@ -231,7 +231,8 @@ def test_cuda_solve_refuses_a_system_that_is_not_positive_definite():
 @cuda_only
 def test_uce_gives_the_same_weights_whichever_backend_solves(tiny_pipeline_dir):
     from fasterase.config import make_config
-    from fasterase.methods.uce import UCE, UCEConfig
+    from fasterase.methods.configs import UCEConfig
+    from fasterase.methods.uce import UCE
     from fasterase.models.loading import load_pipeline
 
     results = [

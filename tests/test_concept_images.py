@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fasterase.concept_images import ConceptImages, ImageMethodConfig, concept_images, encode_images
+from fasterase.concept_images import ConceptImages, concept_images, encode_images
 from fasterase.models.family import image_size
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.evaluation.sampling import SamplingConfig
+from fasterase.config import SamplingConfig
+from fasterase.methods.configs import ImageMethodConfig
 from fasterase.toyworld import world
 from fasterase.toyworld.folders import write_concept_folder
 

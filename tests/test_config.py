@@ -6,7 +6,7 @@ import pytest
 
 from fasterase.config import MethodConfig, make_config, preset, read_yaml
 from fasterase.errors import UserError
-from fasterase.methods.kpop import KPOPConfig
+from fasterase.methods.configs import KPOPConfig
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -184,9 +184,9 @@ def test_unknown_preset():
 
 
 def every_config_class():
-    from fasterase.methods import METHODS
+    from fasterase.methods import CONFIGS
 
-    return [method.config_class for method in METHODS.values()]
+    return list(CONFIGS.values())
 
 
 def test_redeclared_options_keep_their_range():

@@ -9,8 +9,9 @@ import torch
 from fasterase import api
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.esd import ESD, TRAINABLE_SETS, ESDConfig  # importing registers the method
-from fasterase.methods.parameters import PARAMETER_SETS
+from fasterase.methods.configs import ESD_TRAINABLE_SETS, ESDConfig
+from fasterase.methods.esd import ESD  # importing registers the method
+from fasterase.names import PARAMETER_SETS
 
 TINY = {"concepts": ["circle", "ring"], "steps": 2, "trajectories": 2, "sample_steps": 2, "batch_size": 2, "log_every": 1}
 
@@ -32,7 +33,7 @@ def test_esd_changes_only_its_trainable_set(tiny_pipeline_dir, options):
     result = ESD().erase(pipe, cfg, progress=lambda step, total, losses: reports.append((step, total, losses)))
     changed = {f"unet.{n}" for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(result.tensors)
-    our_set = PARAMETER_SETS[TRAINABLE_SETS[cfg.trainable]]
+    our_set = PARAMETER_SETS[ESD_TRAINABLE_SETS[cfg.trainable]]
     assert all(our_set(name.removeprefix("unet.")) for name in result.tensors)
     assert result.key is None
     expected = {"erase", "keep"} if cfg.preserve else {"erase"}

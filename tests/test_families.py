@@ -13,8 +13,8 @@ from fasterase import api
 from fasterase.cli import main
 from fasterase.edits import load_edit
 from fasterase.errors import UserError
-from fasterase.evaluation.sampling import SamplingConfig
-from fasterase.methods.parameters import PARAMETER_SETS
+from fasterase.config import SamplingConfig
+from fasterase.names import PARAMETER_SETS
 from fasterase.models.family import FAMILIES, encode, family_of, folder_family, noise_scheduler, training_target
 from fasterase.models.fingerprint import portable_name
 from fasterase.models.loading import load_pipeline
@@ -184,7 +184,7 @@ def test_half_precision_trains_float32_masters(family_pipeline_dirs, method, mon
     stay bfloat16, the trained tensors and their optimizer state are float32 while training, and
     the model is in its own dtype again afterwards."""
     from fasterase.config import make_config
-    from fasterase.methods import get_method
+    from fasterase.methods import CONFIGS, get_method
     from fasterase.methods.training import Optimization
 
     step = Optimization.step
@@ -198,7 +198,7 @@ def test_half_precision_trains_float32_masters(family_pipeline_dirs, method, mon
     monkeypatch.setattr(Optimization, "step", recorded)
     pipe = load_pipeline(family_pipeline_dirs("sdxl"), dtype="bfloat16")
     method_class = get_method(method)
-    cfg = make_config(method_class.config_class, {"concepts": ["circle", "square"], "dtype": "bfloat16", **TINY[method]})
+    cfg = make_config(CONFIGS[method], {"concepts": ["circle", "square"], "dtype": "bfloat16", **TINY[method]})
     result = method_class().erase(pipe, cfg)
     assert dtypes <= {torch.float32} and (dtypes or method == "uce")
     assert all(torch.isfinite(t).all() for t in result.tensors.values())

@@ -9,7 +9,8 @@ import torch
 from fasterase import api
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.fewshot import FewShot, FewShotConfig, select_text_encoder_parameters
+from fasterase.methods.configs import FewShotConfig
+from fasterase.methods.fewshot import FewShot, select_text_encoder_parameters
 from fasterase.toyworld.folders import write_concept_folder
 
 

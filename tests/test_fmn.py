@@ -8,7 +8,8 @@ import torch
 from fasterase import api
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.fmn import FMNConfig, ForgetMeNot
+from fasterase.methods.configs import FMNConfig
+from fasterase.methods.fmn import ForgetMeNot
 from fasterase.models.loading import load_pipeline
 
 

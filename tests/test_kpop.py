@@ -8,7 +8,8 @@ import torch
 
 from fasterase import api
 from fasterase.config import make_config
-from fasterase.methods.kpop import KPOP, KPOPConfig
+from fasterase.methods.configs import KPOPConfig
+from fasterase.methods.kpop import KPOP
 
 
 @pytest.mark.parametrize("options", [

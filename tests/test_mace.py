@@ -10,7 +10,8 @@ from fasterase import api
 from fasterase.cli import main
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.mace import MACE, MACEConfig, concept_loras, focal_timesteps
+from fasterase.methods.configs import MACEConfig
+from fasterase.methods.mace import MACE, concept_loras, focal_timesteps
 from fasterase.models.loading import load_pipeline
 from fasterase.toyworld.folders import write_concept_folder
 

@@ -11,7 +11,8 @@ from fasterase import api
 from fasterase.closed_form import preservation_gram, save_gram
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.uce import UCE, UCEConfig
+from fasterase.methods.configs import UCEConfig
+from fasterase.methods.uce import UCE
 from fasterase.models.text import concept_tail, encode_prompts
 
 

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..config import check_options, option
+from ..config import SamplingConfig
 from ..errors import UserError, first_line
-
-
-@dataclass(frozen=True)  # hashable: it keys the cache of a base model's evaluation images
-class SamplingConfig:
-    steps: int = option(25, "denoising steps per image", at_least=1)
-    guidance: float = option(5.0, "classifier-free guidance scale")
-    batch_size: int = option(0, "prompts drawn at a time; 0: `chunk_size`'s default for the model")
-    seed: int = option(0, "seed of the first chunk's noise")
-
-    def __post_init__(self):
-        check_options(self)
 
 
 # Latent pixels drawn at a time by default: 64 images on the built-in world (8x8 latents) and at

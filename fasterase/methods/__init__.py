@@ -1,14 +1,20 @@
-"""The registry of erasure methods: one class per method, each with its config dataclass."""
+"""The registry of erasure methods: each by name, with its config dataclass (`configs`) and its
+Method class (`fasterase.methods.<name>`, imported on first use), so that a whole config is
+checked before torch is imported."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import torch
+from ..config import MethodConfig, make_config, preset as load_preset, read_yaml, strings
+from ..errors import UserError, shown
+from .configs import CAConfig, ESDConfig, FewShotConfig, FMNConfig, KPOPConfig, MACEConfig, UCEConfig
 
-from ..config import MethodConfig
-from ..errors import UserError
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -30,7 +36,6 @@ Progress = Callable[[int, int, dict[str, float]], None]
 
 class Method:
     name: ClassVar[str]
-    config_class: ClassVar[type[MethodConfig]]
 
     def erase(self, pipe, cfg: MethodConfig, progress: Progress | None = None) -> ErasureResult:
         raise NotImplementedError
@@ -41,6 +46,11 @@ class Method:
         raise UserError(f"{cls.name} edits have no key")
 
 
+# Every method: its name and config class. The module fasterase.methods.<name> defines its Method
+# and registers it (`register`) when imported.
+CONFIGS: dict[str, type[MethodConfig]] = {
+    "ca": CAConfig, "esd": ESDConfig, "fewshot": FewShotConfig, "fmn": FMNConfig, "kpop": KPOPConfig, "mace": MACEConfig, "uce": UCEConfig,
+}
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -49,10 +59,37 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass of the method called `name`; a one-line UserError for any other name."""
+    if not isinstance(name, str):
+        raise UserError(f"method must be a method's name, not {shown(name)}")
+    if name not in CONFIGS:
+        raise UserError(f"unknown method {shown(name)}; available: {', '.join(sorted(CONFIGS))}")
+    return CONFIGS[name]
+
+
 def get_method(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    """The Method class called `name` (importing its module, and with it torch)."""
+    config_class(name)
+    importlib.import_module(f"{__name__}.{name}")
     return METHODS[name]
 
 
-from . import ca, esd, fewshot, fmn, kpop, mace, uce  # noqa: E402,F401  (each registers itself)
+def erase_config(
+    method: str, concepts: list[str] | None = None, *, config: str | Path | None = None, preset: str | None = None, **options: Any
+) -> MethodConfig:
+    """The config of an erasure, checked whole (`fasterase.erase` takes the same arguments):
+    the method's options from its preset, then the YAML file `config`, then `options` and
+    `concepts`. Reads no model and imports no torch."""
+    cls = config_class(method)
+    concepts = strings("concepts", concepts, optional=True)
+    layers = [load_preset(method, preset)] if preset else []
+    if config is not None:
+        layers.append(read_yaml(config))
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if concepts:
+        overrides["concepts"] = list(concepts)
+    cfg = make_config(cls, *layers, overrides)
+    if not cfg.concepts:
+        raise UserError(f"{method} needs at least one concept to erase")
+    return cfg

@@ -15,41 +15,15 @@ preserve, the same step also keeps the frozen model's predictions on them,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..config import check_choice, option
-from ..errors import UserError
 from ..models.family import encode
 from . import ErasureResult, Method, Progress, register
+from .configs import CAConfig
 from .parameters import select_parameters
-from .training import PredictionTargets, TrajectoryConfig, changed_tensors, match_predictions, sample_banks, trajectory_prompts
-
-TRAINABLE_SETS = ("cross_attention_kv", "cross_attention")
-
-
-@dataclass
-class CAConfig(TrajectoryConfig):
-    # The empty prompt is an anchor every model has, and what it produces (the model's generic
-    # image) is a neutral stand-in for any concept; the paper picks a category per concept
-    # ("dog" for "grumpy cat", "painting" for a style), which only the user can name.
-    anchor: str = option("", "the concept whose outputs the erased concepts' prompts are mapped to; '' is the empty prompt")
-    trainable: str = option("cross_attention_kv", "cross_attention_kv (the paper's default) or cross_attention")
-    lr: float = option(1e-3, "Adam learning rate (the paper's is 1.6e-5 for SD; preset sd14)", positive=True)
-
-    def prompt_concepts(self) -> list[str]:
-        return super().prompt_concepts() + ([self.anchor] if self.anchor else [])
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("trainable", self.trainable, TRAINABLE_SETS)
-        if self.anchor in self.concepts:
-            raise UserError(f"the anchor {self.anchor!r} is one of the concepts to erase")
-
+from .training import PredictionTargets, changed_tensors, match_predictions, sample_banks, trajectory_prompts
 
 @register
 class CA(Method):
     name = "ca"
-    config_class = CAConfig
 
     def erase(self, pipe, cfg: CAConfig, progress: Progress | None = None) -> ErasureResult:
         unet = pipe.unet

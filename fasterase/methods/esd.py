@@ -14,45 +14,17 @@ off when none are given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..config import check_choice, option
 from ..models.family import encode
 from . import ErasureResult, Method, Progress, register
+from .configs import ESD_TRAINABLE_SETS, ESDConfig
 from .parameters import select_parameters
 from .training import (
-    PredictionTargets, TrajectoryConfig, changed_tensors, guided_away, match_predictions, sample_banks, trajectory_prompts,
+    PredictionTargets, changed_tensors, guided_away, match_predictions, sample_banks, trajectory_prompts,
 )
-
-# The paper's names for the parameter sets it trains -> ours.
-TRAINABLE_SETS = {
-    "x": "cross_attention",
-    "x-strict": "cross_attention_kv",
-    "u": "non_cross_attention",
-    "all": "all",
-}
-
-
-@dataclass
-class ESDConfig(TrajectoryConfig):
-    negative_guidance: float = option(1.0, "eta: how far the target is guided away from the concept")
-    trainable: str = option(
-        "x",
-        "parameters trained, by the paper's names: x (cross-attention), x-strict (cross-attention "
-        "keys and values), u (all but cross-attention; for concepts such as nudity) or all",
-    )
-    lr: float = option(1e-3, "Adam learning rate (the paper's 1e-5 is for SD; preset sd14)", positive=True)
-    guidance: float = option(3.0, "classifier-free guidance of the trajectories (the paper's start guidance)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("trainable", self.trainable, TRAINABLE_SETS)
-
 
 @register
 class ESD(Method):
     name = "esd"
-    config_class = ESDConfig
 
     def erase(self, pipe, cfg: ESDConfig, progress: Progress | None = None) -> ErasureResult:
         unet = pipe.unet
@@ -61,6 +33,6 @@ class ESD(Method):
         context = encode(pipe, prompts)
         # The frozen model's predictions, from sampling, before anything changed.
         target = guided_away(bank.eps_empty, bank.eps_prompt, cfg.negative_guidance)
-        params = select_parameters(unet, TRAINABLE_SETS[cfg.trainable])
+        params = select_parameters(unet, ESD_TRAINABLE_SETS[cfg.trainable])
         match_predictions(unet, params, PredictionTargets(bank, context, target), keep, cfg, progress)
         return ErasureResult(tensors=changed_tensors("unet", params))

@@ -18,67 +18,29 @@ masks, when given, restrict the loss to the concept's pixels.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..concept_images import ImageMethodConfig, concept_images, uniform_timesteps
-from ..config import check_choice, option
+from ..concept_images import concept_images, uniform_timesteps
 from ..errors import UserError
-from ..models.family import TEXT_ENCODERS, denoise, encode, encode_ids, family_of, noise_scheduler, prompt_ids, training_target
+from ..models.family import denoise, encode, encode_ids, family_of, noise_scheduler, prompt_ids, training_target
+from ..names import TEXT_ENCODER_SETS, layer_index
 from . import ErasureResult, Method, Progress, register
+from .configs import FewShotConfig
 from .training import Optimization, autocast, changed_tensors, run_steps, trainable
-
-_LAYER = re.compile(r"layers\.(\d+)\.")
-
-# name -> whether a text-encoder parameter belongs to the set, given the index of its last layer
-TEXT_ENCODER_SETS = {
-    "mlp_last_attention": lambda name, last: ".mlp." in name or (".self_attn." in name and _layer(name) == last),
-    "mlp": lambda name, last: ".mlp." in name,
-    "attention": lambda name, last: ".self_attn." in name,
-    "mlp_attention": lambda name, last: ".mlp." in name or ".self_attn." in name,
-    "all": lambda name, last: True,
-}
-
-
-def _layer(name: str) -> int | None:
-    found = _LAYER.search(name)
-    return int(found.group(1)) if found else None
-
 
 def select_text_encoder_parameters(text_encoder: nn.Module, which: str) -> dict[str, nn.Parameter]:
     """The parameters of the text encoder in the named set, by name."""
     if which not in TEXT_ENCODER_SETS:
         raise UserError(f"unknown text-encoder parameter set {which!r}; known: {', '.join(TEXT_ENCODER_SETS)}")
     named = dict(text_encoder.named_parameters())
-    last = max((i for i in map(_layer, named) if i is not None), default=None)
+    last = max((i for i in map(layer_index, named) if i is not None), default=None)
     return {name: p for name, p in named.items() if TEXT_ENCODER_SETS[which](name, last)}
-
-
-@dataclass
-class FewShotConfig(ImageMethodConfig):
-    steps: int = option(10, "Adam steps of gradient ascent: the stopping point, since ascent has no optimum", at_least=1)
-    lr: float = option(1e-4, "Adam learning rate (the paper's 1e-5 is for SD; preset sd14)", positive=True)
-    trainable: str = option("mlp_last_attention", f"text-encoder parameters to update: {', '.join(TEXT_ENCODER_SETS)}")
-    image_count: int = option(4, "images per concept the base model draws when no folder is given", at_least=1)
-    batch_size: int = option(4, "images of every concept per step, each with its own prompt, noise and timestep", at_least=1)
-    text_encoders: list[str] = option([], f"text encoders to update, of {', '.join(TEXT_ENCODERS)}; [] for every one the model has (both on SDXL)")
-    preserve_weight: float = option(1.0, "weight of keeping the preserved concepts' text-encoder states (if any)")
-    log_every: int = option(5, "steps between progress reports (each reads the loss off the device)", at_least=1)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("trainable", self.trainable, TEXT_ENCODER_SETS)
-        for name in self.text_encoders:
-            check_choice("text_encoders", name, TEXT_ENCODERS)
 
 
 @register
 class FewShot(Method):
     name = "fewshot"
-    config_class = FewShotConfig
 
     def erase(self, pipe, cfg: FewShotConfig, progress: Progress | None = None) -> ErasureResult:
         unet = pipe.unet

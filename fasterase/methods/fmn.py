@@ -19,40 +19,19 @@ with them; the re-steering loss then targets those tokens instead of the concept
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..attention import AttentionCapture, capture_processors
-from ..concept_images import ConceptImages, ImageMethodConfig, concept_images, uniform_timesteps
-from ..config import check_choice, option
+from ..concept_images import ConceptImages, concept_images, uniform_timesteps
 from ..errors import UserError
 from ..models.family import Conditioning, denoise, encode, encode_ids, family_of, noise_scheduler, prompt_ids, training_target
 from ..models.text import token_columns
 from . import ErasureResult, Method, Progress, register
-from .parameters import PARAMETER_SETS, select_parameters
+from .configs import FMNConfig
+from .parameters import select_parameters
 from .training import Optimization, autocast, changed_tensors, run_steps, trainable
-
-
-@dataclass
-class FMNConfig(ImageMethodConfig):
-    steps: int = option(35, "re-steering steps", at_least=1)
-    lr: float = option(3e-4, "AdamW learning rate (the paper's 2e-6 is for SD; preset sd14)", positive=True)
-    # On the built-in world, training the whole UNet or all of cross-attention to ignore the
-    # padding erased every shape with the circle; the key/value projections alone erase it only.
-    trainable: str = option("cross_attention_kv", f"UNet parameters to train: {', '.join(PARAMETER_SETS)} (the reference: all)")
-    include_end: bool = option(True, "also re-steer the end-of-text positions (on SD1.x: the padding too)")
-    batch_size: int = option(4, "items (image, prompt, timestep) of each concept per step", at_least=1)
-    image_count: int = option(8, "images per concept drawn by the base model when no folder is given", at_least=1)
-    inversion_steps: int = option(0, "textual-inversion steps before re-steering (0: target the concept's own tokens)")
-    inversion_tokens: int = option(1, "learnt token vectors per concept", at_least=1)
-    inversion_lr: float = option(5e-3, "Adam learning rate of textual inversion", positive=True)
-    log_every: int = option(5, "steps between progress reports (each reads the loss off the device)", at_least=1)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("trainable", self.trainable, PARAMETER_SETS)
 
 
 class InvertedTokens(nn.Module):
@@ -105,7 +84,6 @@ class InvertedTokens(nn.Module):
 @register
 class ForgetMeNot(Method):
     name = "fmn"
-    config_class = FMNConfig
 
     def erase(self, pipe, cfg: FMNConfig, progress: Progress | None = None) -> ErasureResult:
         unet, device = pipe.unet, pipe.device

@@ -25,57 +25,26 @@ recovers the concept and is written to its own file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..attention import INJECTION_SITES, LearnedPrompt, prompt_processors
-from ..config import check_choice, option
+from ..attention import LearnedPrompt, prompt_processors
 from ..errors import UserError
 from ..evaluation.sampling import chunk_size
 from ..models.family import context_width, denoise, encode
+from ..names import INJECTION_SITES
 from . import ErasureResult, Method, Progress, register
+from .configs import KPOPConfig
 from .parameters import select_parameters
 from .trajectories import predict_noise
 from .training import (
-    Optimization, TrajectoryConfig, autocast, changed_tensors, concept_schedule, guided_away, join_inputs, run_steps, sample_banks, trainable,
+    Optimization, autocast, changed_tensors, concept_schedule, guided_away, join_inputs, run_steps, sample_banks, trainable,
     trajectory_prompts, uniform_schedule,
 )
-
-TRAINABLE_SETS = ("cross_attention", "cross_attention_kv", "non_cross_attention")
-
-
-@dataclass
-class KPOPConfig(TrajectoryConfig):
-    steps: int = option(150, "iterations (one transfer and one removal update each)", at_least=1)
-    neutral: str = option("", "the concept the erased one is mapped to; '' is the empty prompt")
-    prompt_mode: str = option("concat", "'concat' (prompt tokens appended to the text keys) or 'additive'")
-    prompt_length: int = option(10, "concat prompt length in multiples of the text context (k: k x 77 tokens)", at_least=1)
-    # The paper injects in SD's mid block (8x8x1280; preset sd14). The built-in world's mid block is
-    # 2x2x128: a prompt there recovered only 25-69% of the erased shape, against 88% from all layers.
-    inject: str = option("all", "cross-attention layers that see the prompt: mid, mid_up or all")
-    trainable: str = option("cross_attention", "cross_attention, cross_attention_kv (key/value projections only), or non_cross_attention (for concepts like nudity)")
-    prompt_weight: float = option(0.1, "lambda: weight of keeping the concept with the prompt, in the removal step")
-    negative_guidance: float = option(0.5, "eta: the removal target is eps(c_n) - eta (eps(c_e) - eps(c_n)), past the neutral prompt away from the concept (see above); 0 is the paper's")
-    neutral_weight: float = option(0.0, "weight of keeping the neutral prompt's own prediction in the removal step")
-    lr: float = option(2e-3, "Adam learning rate of the model (the paper's 1e-5 is for SD; preset sd14)", positive=True)
-    prompt_lr: float = option(1e-2, "Adam learning rate of the prompt", positive=True)
-
-    def prompt_concepts(self) -> list[str]:
-        return super().prompt_concepts() + ([self.neutral] if self.neutral else [])
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("prompt_mode", self.prompt_mode, ("concat", "additive"))
-        check_choice("inject", self.inject, INJECTION_SITES)
-        check_choice("trainable", self.trainable, TRAINABLE_SETS)
-
 
 @register
 class KPOP(Method):
     name = "kpop"
-    config_class = KPOPConfig
 
     def erase(self, pipe, cfg: KPOPConfig, progress: Progress | None = None) -> ErasureResult:
         unet, device = pipe.unet, pipe.device

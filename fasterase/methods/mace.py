@@ -47,45 +47,15 @@ from torch import nn
 
 from ..attention import AttentionCapture, capture_processors
 from ..closed_form import RidgeGrams, edit_weights, gram, load_gram, mapping_matrix, prompt_gram
-from ..concept_images import ConceptImages, ImageMethodConfig, concept_images
-from ..config import option, per_concept
+from ..concept_images import ConceptImages, concept_images
 from ..errors import UserError
 from ..lora import fuse_loras, lora_state_dict
 from ..models.family import Conditioning, denoise, encode, noise_scheduler
 from ..models.text import concept_tail, encode_prompts, token_columns
 from . import ErasureResult, Method, Progress, register
+from .configs import MACEConfig
 from .parameters import select_parameters
 from .training import Optimization, autocast, run_steps, trainable
-
-
-@dataclass
-class MACEConfig(ImageMethodConfig):
-    steps: int = option(50, "LoRA training steps; each step carries every concept", at_least=1)
-    mapping: list[str] = option(
-        [""], "what each concept's prompt tokens are mapped to in the refinement: one concept for all or one per concept; '' is nothing (the template's other words)"
-    )
-    lam: float = option(0.5, "lambda: pull of every projection towards its current weights (refinement and fusion)", positive=True)
-    preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
-    preserve_gram: str = option("", "a Gram of prompts to preserve, built by `fasterase cache build`; '' for none")
-    rank: int = option(1, "rank of each concept's LoRA", at_least=1)
-    lr: float = option(1e-3, "AdamW learning rate of the LoRAs (the paper's 1e-5 is for SD; preset sd14)", positive=True)
-    batch_size: int = option(2, "items (image, prompt, timestep) of each concept per step", at_least=1)
-    image_count: int = option(8, "images per concept drawn by the base model when no folder is given", at_least=1)
-    include_end: bool = option(True, "the attention loss also watches the end-of-text positions (on SD1.x: the padding too)")
-    importance_sampling: bool = option(True, "draw timesteps from the concept-focal density (else uniformly)")
-    log_every: int = option(10, "steps between progress reports (each reads the loss off the device)", at_least=1)
-    save_loras: bool = option(False, "also write each concept's LoRA (diffusers load_lora_weights format); it was trained on the refined weights")
-
-    def prompt_concepts(self) -> list[str]:
-        return super().prompt_concepts() + [m for m in dict.fromkeys(self.mapping) if m]
-
-    def mappings(self) -> list[str]:
-        """The mapping concept of each erased concept."""
-        return per_concept("mapping", self.mapping, self.concepts)
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.mappings()  # refuses a mapping list that fits neither one for all nor one per concept
 
 
 def focal_timesteps(num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator, focal: bool = True) -> torch.Tensor:
@@ -165,7 +135,6 @@ def concept_loras(unet, concepts: int, rank: int, seed: int = 0) -> Iterator[Con
 @register
 class MACE(Method):
     name = "mace"
-    config_class = MACEConfig
 
     def erase(self, pipe, cfg: MACEConfig, progress: Progress | None = None) -> ErasureResult:
         unet, device = pipe.unet, pipe.device

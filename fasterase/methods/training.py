@@ -1,4 +1,4 @@
-"""What the fine-tuning methods share: their trajectory options, prompts per trajectory, training
+"""What the fine-tuning methods share: prompts per trajectory, training
 schedules drawn up front, the trainable-parameter and mixed-precision blocks, the loop that reports
 progress, and the whole training of methods whose objective is to match frozen predictions.
 
@@ -18,26 +18,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..config import MethodConfig, option
 from ..errors import UserError
 from ..evaluation.sampling import chunk_size
 from ..models.family import Conditioning, denoise, encode
 from ..models.fingerprint import portable_name
 from . import Progress
+from .configs import TrajectoryConfig
 from .trajectories import TrajectoryBank, sample_trajectories
-
-
-@dataclass
-class TrajectoryConfig(MethodConfig):
-    """Options of methods that train on x_t from the frozen model's own trajectories."""
-
-    lr: float = option(1e-3, "Adam learning rate", positive=True)
-    batch_size: int = option(8, "samples (x_t at any timestep) of each concept per update: a step carries every concept", at_least=1)
-    trajectories: int = option(16, "sampled trajectories per concept that training draws x_t from", at_least=1)
-    sample_steps: int = option(20, "DDIM steps of those trajectories", at_least=1)
-    guidance: float = option(5.0, "classifier-free guidance of those trajectories")
-    preserve_weight: float = option(1.0, "weight of keeping the frozen model's predictions on the preserved concepts (if any)")
-    log_every: int = option(10, "steps between progress reports (each reads the losses off the device)", at_least=1)
 
 
 def trajectory_prompts(templates: list[str], concepts: list[str], trajectories: int) -> list[str]:

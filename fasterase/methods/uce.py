@@ -28,44 +28,19 @@ the torch reference); they agree to round-off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..closed_form import RidgeGrams, edit_weights, load_gram, mapping_fit, mapping_matrix, prompt_gram
-from ..config import MethodConfig, option, per_concept
 from ..models.family import context_width
 from ..models.text import concept_tail, encode_prompts
 from . import ErasureResult, Method, Progress, register
+from .configs import UCEConfig
 from .parameters import select_parameters
-
-
-@dataclass
-class UCEConfig(MethodConfig):
-    steps: int = option(1, "ignored: UCE is one closed-form solve", at_least=1)
-    guide: list[str] = option([""], "what the erased concepts become: one guide for all or one per concept; '' is nothing (the template's other words)")
-    lam: float = option(0.5, "lambda: pull of every projection towards its original weights", positive=True)
-    erase_scale: float = option(1.0, "weight of each erased prompt's tokens", positive=True)
-    preserve_scale: float = option(0.1, "weight of each preserved prompt's tokens (preserved concepts, the empty prompt, preserve_gram)")
-    preserve_gram: str = option("", "a Gram of prompts to preserve, built by `fasterase cache build`; '' for none")
-    batch_size: int = option(64, "prompts encoded at a time", at_least=1)
-
-    def prompt_concepts(self) -> list[str]:
-        return super().prompt_concepts() + [g for g in dict.fromkeys(self.guide) if g]
-
-    def guides(self) -> list[str]:
-        """The guide of each erased concept."""
-        return per_concept("guide", self.guide, self.concepts)
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.guides()  # refuses a guide list that fits neither one for all nor one per concept
 
 
 @register
 class UCE(Method):
     name = "uce"
-    config_class = UCEConfig
 
     @torch.no_grad()
     def erase(self, pipe, cfg: UCEConfig, progress: Progress | None = None) -> ErasureResult:

@@ -53,8 +53,6 @@ SDXL = Family(
     "sdxl", "SDXL", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), -2, True
 )
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
-# the text-encoder components of any family, for options that name them before a model is loaded
-TEXT_ENCODERS = tuple(dict.fromkeys(name for f in FAMILIES.values() for name in f.text_encoders))
 # SD2.x's text encoder (OpenCLIP ViT-H) uses GELU; SD1.x's (CLIP ViT-L) and the built-in world's quick GELU
 _SD2_ACTIVATION = "gelu"
 

@@ -67,9 +67,11 @@ def load_pipeline(
     import diffusers
     import transformers
 
-    # Loading a small model should not draw progress bars over the command's own output.
+    # Loading a small model should not draw progress bars over the command's own output, and
+    # transformers warns about optional packages (torchvision) that fasterase never uses.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     path = model_path(model)
     if model_config is not None and not path.is_file():
