@@ -17,6 +17,7 @@ _EXPORTS = {
     "generate": "fasterase.api",
     "evaluate": "fasterase.api",
     "load_edited": "fasterase.api",
+    "SamplingConfig": "fasterase.config",
     "UserError": "fasterase.errors",
 }
 __all__ = list(_EXPORTS)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .attention import backend_processors
-from .config import SamplingConfig, check_count, strings
+from .config import SamplingConfig, check_count, check_paths, strings
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
 from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
@@ -109,6 +109,8 @@ def erase(
     the run computes in float32 and says so. The edit's tensors are written in the base model's
     stored dtype (`edit_dtype` chooses another)."""
     cfg = erase_config(method, concepts, config=config, preset=preset, **options)
+    check_paths(model=model, model_config=model_config, out=out)
+    check_callables(progress=progress, notify=notify)
     method_class = get_method(method)
     device = default_device()
     if cfg.dtype != "float32" and device.type != "cuda":
@@ -150,6 +152,18 @@ def erase(
     return EraseSummary(out, key_file[0] if key_file else None, seconds, _peak_memory(device), str(device), loras=loras)
 
 
+def check_callables(**arguments) -> None:
+    """A one-line UserError naming the first argument that is neither None nor callable (a progress or notify hook)."""
+    for name, value in arguments.items():
+        if value is not None and not callable(value):
+            raise UserError(f"{name} must be a function, not {shown(value)}")
+
+
+def check_sampling(sampling) -> None:
+    if not isinstance(sampling, SamplingConfig):
+        raise UserError(f"sampling must be a SamplingConfig, not {shown(sampling)}")
+
+
 def check_finite(result) -> None:
     """A UserError, before anything is written, when training left a tensor nan or inf (a
     non-finite gradient in the last steps, which no loss showed yet)."""
@@ -164,6 +178,7 @@ def _slug(concepts: list[str]) -> str:
 def load_edited(model=None, edit: str | Path | None = None, device: torch.device | None = None, model_config: str | Path | None = None):
     """A pipeline of the model's family (e.g. a StableDiffusionXLPipeline) with `edit` applied
     (refused if the edit was made for another base model)."""
+    check_paths(model=model, edit=edit, model_config=model_config)
     pipe = load_pipeline(model, device=device or default_device(), model_config=model_config)
     if edit is not None:
         loaded = load_edit(edit)
@@ -207,7 +222,11 @@ def generate(
 ) -> Path:
     """Samples n images per prompt and writes them as a grid, one row per prompt."""
     prompts = strings("prompts", prompts)
+    if not prompts:
+        raise UserError("prompts must hold at least one prompt")
     check_count("n", n)
+    check_paths(model=model, model_config=model_config, edit=edit, key=key, out=out)
+    check_sampling(sampling)
     out = ensure_writable(Path(out), [local_path(model), model_config, edit, key])
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprints(pipe)
@@ -258,6 +277,8 @@ def evaluate(
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
     `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated."""
+    if not isinstance(edit, (str, os.PathLike)) or not str(edit):
+        raise UserError(f"edit must be an edit file's path, not {shown(edit)}")
     return compare(
         [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress
     )["edits"][0]
@@ -280,11 +301,14 @@ def compare(
     prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
     edit, each with its "edit" path and "method"}. Without `concepts`, the edits' own (they must
     agree)."""
-    if isinstance(edits, (str, Path)):
+    if not isinstance(edits, (list, tuple)) or not all(isinstance(e, (str, os.PathLike)) and str(e) for e in edits):
         raise UserError(f"edits must be a list of edit files, not {shown(edits)}")
     concepts = strings("concepts", concepts, optional=True)
     preserve = strings("preserve", preserve, optional=True)
     check_count("n", n)
+    check_paths(model=model, model_config=model_config, key=key, grid=grid)
+    check_sampling(sampling)
+    check_callables(progress=progress)
     loaded = [load_edit(e) for e in edits]
     if not loaded:
         raise UserError("compare needs at least one edit")

@@ -212,6 +212,9 @@ def _cmd_toyworld_build(args) -> int:
 
 
 def _cmd_toyworld_report(args) -> int:
+    from .config import check_count
+
+    check_count("n", args.n)
     from .toyworld.report import format_report, world_report
 
     result = world_report(model=args.model, n=args.n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,7 @@ from .names import BACKEND_NAMES, DTYPE_NAMES
 
 # No count, step, size or seed is larger: beyond, torch's generators and tensor shapes overflow.
 INT_LIMIT = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def option(default, help: str, *, at_least: float = 0, positive: bool = False):
@@ -54,8 +56,9 @@ def check_options(cfg) -> None:
             value = float(value)
             object.__setattr__(cfg, f.name, value)  # frozen configs (SamplingConfig) too
         low, positive = f.metadata["at_least"], f.metadata["positive"]
-        if not math.isfinite(value):
-            raise UserError(f"{f.name} must be a finite number, not {value}")
+        # float32 is what the numbers become on the device: 1e300 is as infinite there as inf
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise UserError(f"{f.name} must be a finite number (within float32's range), not {value}")
         if value < low or (positive and value <= 0):
             raise UserError(f"{f.name} must be {'positive' if positive else f'at least {low}'}, not {value}")
         if isinstance(value, int) and value > INT_LIMIT:
@@ -145,6 +148,14 @@ def strings(name: str, value, *, optional: bool = False) -> list[str] | None:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise UserError(f"{name} must be a list of strings, not {shown(value)}")
     return list(value)
+
+
+def check_paths(**arguments) -> None:
+    """A one-line UserError naming the first argument that is neither None nor a path (a
+    non-empty str or an os.PathLike); a model may also be a hub id, which is a str."""
+    for name, value in arguments.items():
+        if value is not None and not (isinstance(value, os.PathLike) or (isinstance(value, str) and value)):
+            raise UserError(f"{name} must be a path, not {shown(value)}")
 
 
 def check_count(name: str, value) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,8 @@ COMMANDS = [
     (GENERATE + ["--n", "0"], "n must be a whole number of at least 1"),
     (GENERATE + ["--sample-steps", "0"], "steps must be at least 1"),
     (GENERATE + ["--guidance", "nan"], "guidance must be a finite number"),
+    (GENERATE + ["--guidance", "1e300"], "guidance must be a finite number (within float32's range)"),
+    (["toyworld", "report", "--n", "0"], "n must be a whole number of at least 1"),
     (GENERATE + ["--seed", "-1"], "seed must be at least 0"),
     (["evaluate", "--edit", "{tmp}/missing.safetensors", "--n", "0", "--grid", "{tmp}/g.png"], "n must be a whole number of at least 1"),
 ]
@@ -94,6 +97,18 @@ CALLS = [
     (lambda tmp: fasterase.evaluate(tmp / "e.safetensors", "circle"), "concepts must be a list of strings"),
     (lambda tmp: fasterase.evaluate(tmp / "e.safetensors", preserve="square"), "preserve must be a list of strings"),
     (lambda tmp: api.compare(str(tmp / "e.safetensors")), "edits must be a list of edit files"),
+    (lambda tmp: api.compare([3]), "edits must be a list of edit files"),
+    (lambda tmp: fasterase.erase("uce", ["circle"], out=3), "out must be a path, not 3"),
+    (lambda tmp: fasterase.erase("uce", ["circle"], config=3, out=tmp / "e.safetensors"), "config must be a path, not 3"),
+    (lambda tmp: fasterase.erase("uce", ["circle"], preset=["sd14"], out=tmp / "e.safetensors"), "preset must be a preset's name"),
+    (lambda tmp: fasterase.erase("uce", ["circle"], progress=3, out=tmp / "e.safetensors"), "progress must be a function, not 3"),
+    (lambda tmp: fasterase.generate(["a circle"], edit=3, out=tmp / "g.png"), "edit must be a path, not 3"),
+    (lambda tmp: fasterase.generate(["a circle"], key=b"k", out=tmp / "g.png"), "key must be a path"),
+    (lambda tmp: fasterase.generate(["a circle"], sampling="fast", out=tmp / "g.png"), "sampling must be a SamplingConfig, not 'fast'"),
+    (lambda tmp: fasterase.generate([], out=tmp / "g.png"), "prompts must hold at least one prompt"),
+    (lambda tmp: fasterase.generate(["a circle"], sampling=fasterase.SamplingConfig(steps="3"), out=tmp / "g.png"), "option 'steps' must be an int"),
+    (lambda tmp: fasterase.evaluate(None), "edit must be an edit file's path, not None"),
+    (lambda tmp: fasterase.load_edited(edit=7), "edit must be a path, not 7"),
 ]
 
 
@@ -156,6 +171,21 @@ def test_model_folders_that_cannot_be_used(tiny_pipeline_dir, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "custom code ran" not in err, err
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
+
+
+def test_images_that_overflow_are_refused_not_written(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Weights or a guidance that overflow in the model's dtype give nan pixels, which a PNG would
+    show as black and a judge would score: the sampler refuses them."""
+    import types
+
+    from fasterase.config import SamplingConfig
+    from fasterase.evaluation.sampling import generate
+    from fasterase.models.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, prompt, **kw: types.SimpleNamespace(images=np.full((len(prompt), 8, 8, 3), np.nan)))
+    with pytest.raises(UserError, match="sampling produced nan or inf pixels"):
+        generate(pipe, ["a circle"], SamplingConfig(steps=2))
 
 
 def test_more_sampling_steps_than_the_scheduler_has(tmp_path, capsys):

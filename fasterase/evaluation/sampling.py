@@ -71,6 +71,9 @@ def generate_chunks(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConf
             guidance_scale=cfg.guidance,
             output_type="np",
         )
+        images = np.asarray(out.images, dtype=np.float32)
+        if not np.isfinite(images).all():  # would be written as black or noise, and judged
+            raise UserError("sampling produced nan or inf pixels: the model's weights or the guidance overflow in this dtype")
         if progress is not None:
             progress(len(chunk))
-        yield np.asarray(out.images, dtype=np.float32)
+        yield images

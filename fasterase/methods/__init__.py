@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from ..config import MethodConfig, make_config, preset as load_preset, read_yaml, strings
+from ..config import MethodConfig, check_paths, make_config, preset as load_preset, read_yaml, strings
 from ..errors import UserError, shown
 from .configs import CAConfig, ESDConfig, FewShotConfig, FMNConfig, KPOPConfig, MACEConfig, UCEConfig
 
@@ -83,6 +83,9 @@ def erase_config(
     `concepts`. Reads no model and imports no torch."""
     cls = config_class(method)
     concepts = strings("concepts", concepts, optional=True)
+    check_paths(config=config)
+    if preset is not None and not isinstance(preset, str):
+        raise UserError(f"preset must be a preset's name, not {shown(preset)}")
     layers = [load_preset(method, preset)] if preset else []
     if config is not None:
         layers.append(read_yaml(config))
