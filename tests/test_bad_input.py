@@ -1,5 +1,7 @@
 """Bad input, table-driven: each row a command or an API call, its one-line error, exit status 2,
-and no file created, changed or removed; all of them refused before any model loads."""
+and no file created, changed or removed. Options and arguments are refused before any model loads
+(and usage errors before torch is imported); models, edits and keys when they are read; faults and
+interruptions leave the earlier outputs as they were."""
 
 from __future__ import annotations
 
@@ -224,6 +226,35 @@ def test_spoilt_edits_are_refused_before_sampling(base_edit, tmp_path, capsys, c
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not grid.exists()
+
+
+def test_edits_apply_only_to_the_weights_they_were_made_for(base_edit, tmp_path, capsys):
+    """A copy of the base model with one attention weight scaled by 1.5 refuses the original's
+    edit; an edit that also changes the VAE, which no fingerprint binds, is refused everywhere."""
+    import safetensors.torch
+
+    from fasterase.edits import load_edit, save_edit
+    from fasterase.models.loading import builtin_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_dir(), model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("attn1.to_q.weight"))
+    tensors[name] = tensors[name] * 1.5
+    safetensors.torch.save_file(tensors, str(weights))
+    edit = load_edit(base_edit)
+    edit.tensors["vae.decoder.conv_out.bias"] = torch.zeros(3)
+    save_edit(tmp_path / "with-vae.safetensors", edit)
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    for argv, message in [
+        (["--model", str(model), "--edit", str(base_edit)], "its unet differs from this model's"),
+        (["--edit", str(tmp_path / "with-vae.safetensors")], "this edit changes 'vae.decoder.conv_out.bias': edits change only the unet and text_encoder"),
+    ]:
+        assert main(["generate", "--prompt", "a circle", "--n", "1", "--out", str(tmp_path / "g.png"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
 
 
 def test_outputs_never_overwrite_inputs(base_edit, tmp_path, capsys):
