@@ -182,7 +182,7 @@ def load_edited(model=None, edit: str | Path | None = None, device: torch.device
     pipe = load_pipeline(model, device=device or default_device(), model_config=model_config)
     if edit is not None:
         loaded = load_edit(edit)
-        apply_edit(pipe, loaded, fingerprints(pipe))
+        apply_edit(pipe, loaded, fingerprints(pipe, family_of(pipe).components()))
     return pipe
 
 
@@ -228,12 +228,11 @@ def generate(
     check_paths(model=model, model_config=model_config, edit=edit, key=key, out=out)
     check_sampling(sampling)
     out = ensure_writable(Path(out), [local_path(model), model_config, edit, key])
-    pipe = load_pipeline(model, device=default_device(), model_config=model_config)
-    base = fingerprints(pipe)
     loaded = [load_edit(edit)] if edit is not None else []
     matching_key = load_matching_key(key, loaded)
+    pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     for e in loaded:
-        apply_edit(pipe, e, base)
+        apply_edit(pipe, e, fingerprints(pipe, family_of(pipe).components()))
     with key_block(pipe, matching_key):
         images = sample_images(pipe, [p for p in prompts for _ in range(n)], sampling)
     return save_png(grid_image([images[i * n : (i + 1) * n] for i in range(len(prompts))], prompts), out)

@@ -187,9 +187,13 @@ def check_edit(pipe, edit: Edit, base: Fingerprints) -> list[tuple[torch.Tensor,
     weights (or the reverse), or holds nan or inf.
     """
     metadata = edit.metadata
+    editable = family_of(pipe).components()
+    if foreign := [c for c in metadata.base_fingerprints if c not in editable]:
+        raise UserError(
+            f"this edit was made for base model '{metadata.base_model}' and binds to its {foreign[0]}; edits of this model bind to its {' and '.join(editable)}"
+        )
     if reason := difference(metadata.base_fingerprints, base):
         raise UserError(f"this edit was made for base model '{metadata.base_model}': {reason}")
-    editable = family_of(pipe).components()
     states: dict[str, dict[str, torch.Tensor]] = {}
     pairs = []
     for key, tensor in edit.tensors.items():

@@ -134,6 +134,16 @@ def test_apply_edit_refuses_another_base_model():
     assert torch.equal(pipe.unet.weight, before)
 
 
+def test_an_edit_binds_to_the_unet_and_text_encoders_only():
+    """Fingerprints of another component (a VAE, an SDXL encoder this model lacks) in an edit's
+    metadata are refused: nothing vouches for what the edit would need there."""
+    pipe = tiny_pipe()
+    edit = Edit({"unet.weight": torch.zeros(2, 3)}, metadata_for(pipe))
+    edit.metadata.base_fingerprints["vae"] = fingerprints(pipe)["vae"]
+    with pytest.raises(UserError, match="^this edit was made for base model 'tiny' and binds to its vae; edits of this model bind to its unet and text_encoder$"):
+        apply_edit(pipe, edit, fingerprints(pipe))
+
+
 def test_apply_edit_copies_into_the_right_parameters():
     pipe = tiny_pipe()
     pipe.text_encoder.half()
