@@ -21,6 +21,7 @@ from .config import SamplingConfig, check_count, check_paths, strings
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
 from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
+from .evaluation.judges import load_judge
 from .evaluation.report import plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
@@ -238,12 +239,19 @@ def generate(
     return save_png(grid_image([images[i * n : (i + 1) * n] for i in range(len(prompts))], prompts), out)
 
 
-def world_judge(model):
-    if model is not None and str(model) != BUILTIN:
-        raise UserError("evaluate has a classifier only for the built-in world; other models need a judge of their own")
-    from .toyworld.judge import WorldJudge
-
-    return WorldJudge()
+def evaluation_judge(judge: str | None, options: dict | None, model):
+    """The judge of an evaluation (`fasterase.evaluation.judges`): `judge`, or by default the
+    built-in world's classifier on the built-in model; other models need one named."""
+    if options is not None and not isinstance(options, dict):
+        raise UserError(f"judge_options must be a dict of the judge's options, not {shown(options)}")
+    if judge is None:
+        if model is not None and str(model) != BUILTIN:
+            raise UserError(
+                "evaluate needs a judge for a model other than the built-in world: --judge clip:DIR (a local CLIP folder),"
+                " --judge nudenet, or --judge module:Class of your own"
+            )
+        judge = "world"
+    return load_judge(judge, options)
 
 
 # Base-model images of an evaluation plan, by (the base model's weights and scheduler, concepts, n,
@@ -273,13 +281,16 @@ def evaluate(
     grid: str | Path | None = None,
     sampling: SamplingConfig = SamplingConfig(),
     progress: Callable[[int], None] | None = None,
+    judge: str | None = None,
+    judge_options: dict | None = None,
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
     `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated."""
     if not isinstance(edit, (str, os.PathLike)) or not str(edit):
         raise UserError(f"edit must be an edit file's path, not {shown(edit)}")
     return compare(
-        [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress
+        [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress,
+        judge=judge, judge_options=judge_options,
     )["edits"][0]
 
 
@@ -295,6 +306,8 @@ def compare(
     grid: str | Path | None = None,
     sampling: SamplingConfig = SamplingConfig(),
     progress: Callable[[int], None] | None = None,
+    judge: str | None = None,
+    judge_options: dict | None = None,
 ) -> dict:
     """Several edits of one base model (e.g. one per method) evaluated on the same concepts,
     prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
@@ -317,7 +330,7 @@ def compare(
             raise UserError("the edits erase different concepts; say which to evaluate with --concept")
     if grid is not None:
         grid = ensure_writable(Path(grid), [local_path(model), model_config, *edits, key])
-    judge = world_judge(model)
+    judge = evaluation_judge(judge, judge_options, model)
     plan = plan_for(judge, list(concepts), preserve, n)
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprints(pipe)

@@ -116,15 +116,31 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _read_lines(path: str, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped; a one-line UserError if there are none."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    if not lines:
+        raise UserError(f"{path} has no {what} (one a line)")
+    return lines
+
+
 def _cmd_evaluate(args) -> int:
     sampling = _sampling(args)
+    judge_options = dict(_parse_set(item) for item in args.judge_set)
+    if args.candidates:
+        judge_options["candidates"] = _read_lines(args.candidates, "candidate labels")
     from . import api
     from .evaluation.report import format_comparison, format_table
 
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
     comparison = api.compare(
         args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
-        sampling=sampling,
+        sampling=sampling, judge=args.judge, judge_options=judge_options,
     )
     single = len(args.edit) == 1
     if args.json:
@@ -231,6 +247,19 @@ def _cmd_toyworld_images(args) -> int:
     return 0
 
 
+EVALUATE_EXAMPLES = """\
+examples, one per judge:
+  # the built-in model, judged by its own classifier (--judge world)
+  fasterase evaluate --edit circle.safetensors
+  # your model, judged by a local CLIP over Imagenette's ten classes (one a line)
+  fasterase evaluate --model ./sd15 --edit church.safetensors --judge clip:./clip-vit-large-patch14 --candidates imagenette.txt
+  # nudity (pip install 'fasterase[eval]'): the nudity rate before and after
+  fasterase evaluate --model ./sd15 --edit nudity.safetensors --judge nudenet --judge-set threshold=0.6
+  # a judge of your own: a class with check, prompts, recognised, siblings and lookalike
+  PYTHONPATH=. fasterase evaluate --model ./sd15 --edit van-gogh.safetensors --judge my_judges:StyleJudge
+"""
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per image")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
@@ -280,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_generate)
 
-    p = sub.add_parser("evaluate", help="ESR/PSR of edits against their base model")
+    p = sub.add_parser("evaluate", help="ESR/PSR of edits against their base model", epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--edit", action="append", required=True, help="an edit file (repeat to compare several, e.g. one per method)")
     p.add_argument("--concept", action="append", help="erased concept (default: the edit's)")
     p.add_argument("--preserve", action="append", help="preserved concept (default: the rest of the erased concept's family)")
@@ -289,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="evaluate with a KPOP key in place")
     p.add_argument("--n", type=int, default=32, help="images per concept")
     p.add_argument("--grid", help="before/after PNG (default: beside the edit)")
+    p.add_argument("--judge", help="what recognises the concepts: world (the built-in classifier; the default on the built-in model), clip:DIR (a local CLIP folder), nudenet, or module:Class of your own")
+    p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the evaluated concepts, one a line (e.g. Imagenette's ten classes)")
+    p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML), e.g. --judge-set threshold=0.5")
     _sampling_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_evaluate)

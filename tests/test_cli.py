@@ -146,7 +146,7 @@ def test_evaluate_compares_several_edits_in_one_table(capsys, tmp_path):
     assert (tmp_path / "g.png").exists()
     assert main(["evaluate", *edits, "--n", "2", "--sample-steps", "4", "--grid", str(tmp_path / "g.png")]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[1].startswith("original") and "kpop" in table and "uce" in table and "ring" in table
+    assert table.splitlines()[2].startswith("| original |") and "kpop" in table and "uce" in table and "ring" in table
 
 
 def test_toyworld_images_writes_folders_that_erase_reads(capsys, tmp_path):

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import printable
-from .judge import Judge
+from .judges import Judge
 from .sampling import SamplingConfig, generate
 
 
@@ -38,12 +38,16 @@ def plan_for(judge: Judge, erased: list[str], preserve: list[str] | None, n: int
     return EvaluationPlan(erased, list(dict.fromkeys(preserve)), list(dict.fromkeys(lookalikes)), n)
 
 
-def recognition(judge: Judge, images: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """concept -> {"top1": rate, "top5": rate} for that concept's images."""
+def recognition(judge: Judge, images: dict[str, np.ndarray]) -> dict[str, dict]:
+    """concept -> {"top1": rate, "top5": rate} for that concept's images, ranked over every
+    concept of the evaluation, with the judge's "details" where it gives any (NudeNet's)."""
+    labels = list(images)
     rates = {}
     for concept, imgs in images.items():
-        top1, top5 = judge.recognised(imgs, concept)
+        top1, top5 = judge.recognised(imgs, concept, labels)
         rates[concept] = {"top1": float(top1.mean()), "top5": float(top5.mean())}
+        if hasattr(judge, "details"):
+            rates[concept]["details"] = judge.details(imgs)
     return rates
 
 
@@ -77,30 +81,45 @@ def report(plan: EvaluationPlan, original: dict[str, dict[str, float]], edited: 
     }
 
 
+SCORES = {"esr1": "ESR-1", "esr5": "ESR-5", "psr1": "PSR-1", "psr5": "PSR-5"}
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value != value else f"{value:.1%}"  # nan: no concept of that role
+
+
 def format_table(result: dict) -> str:
-    """The report as a small text table."""
-    lines = [f"{'':10}{'ESR-1':>8}{'ESR-5':>8}{'PSR-1':>8}{'PSR-5':>8}"]
+    """The report as a markdown table, with the look-alikes and the judge's details below it."""
+    lines = [_row(["", *SCORES.values()]), _row(["---"] * (len(SCORES) + 1))]
     for name, s in (("original", result["original"]), ("edited", result)):
-        lines.append(f"{name:10}" + "".join(f"{s[k]:8.1%}" for k in ("esr1", "esr5", "psr1", "psr5")))
-    for concept, r in result["lookalikes"].items():
-        lines.append(f"look-alike {concept}: recognised {r['original_top1']:.1%} -> {r['edited_top1']:.1%} (top-1)")
-    return "\n".join(lines)
+        lines.append(_row([name, *(_percent(s[k]) for k in SCORES)]))
+    notes = [
+        f"look-alike {printable(concept, 40)}: recognised {r['original_top1']:.1%} -> {r['edited_top1']:.1%} (top-1)"
+        for concept, r in result["lookalikes"].items()
+    ]
+    for concept, r in result["concepts"].items():
+        for key, before in r["original"].get("details", {}).items():
+            if isinstance(before, float):
+                notes.append(f"{printable(concept, 40)}: {key.replace('_', ' ')} {_percent(before)} -> {_percent(r['edited']['details'][key])}")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def format_comparison(comparison: dict) -> str:
-    """Several edits' reports (`api.compare`) as one table: a row per edit under the base model's,
-    with each look-alike's top-1 recognition in its own column."""
+    """Several edits' reports (`api.compare`) as one markdown table: a row per edit under the base
+    model's, with each look-alike's top-1 recognition in its own column."""
     edits = comparison["edits"]
     lookalikes = list(edits[0]["lookalikes"])
-    width = max(10, *(len(printable(e["method"], 24)) + 2 for e in edits))
-    header = f"{'':{width}}" + "".join(f"{k:>8}" for k in ("ESR-1", "ESR-5", "PSR-1", "PSR-5")) + "".join(f"{c[:12]:>14}" for c in lookalikes)
-    lines = [header]
     first = edits[0]["lookalikes"]
     rows = [("original", comparison["original"], {c: first[c]["original_top1"] for c in lookalikes})]
     # an edit's method name is read from its file: shown without control characters
     rows += [(printable(e["method"], 24), e, {c: e["lookalikes"][c]["edited_top1"] for c in lookalikes}) for e in edits]
+    lines = [_row(["", *SCORES.values(), *(printable(c, 24) for c in lookalikes)]), _row(["---"] * (1 + len(SCORES) + len(lookalikes)))]
     for name, s, kept in rows:
-        lines.append(f"{name:{width}}" + "".join(f"{s[k]:8.1%}" for k in ("esr1", "esr5", "psr1", "psr5")) + "".join(f"{kept[c]:14.1%}" for c in lookalikes))
+        lines.append(_row([name, *(_percent(s[k]) for k in SCORES), *(f"{kept[c]:.1%}" for c in lookalikes)]))
     if lookalikes:
-        lines.append("look-alike columns: share of the look-alike's images still recognised (top-1)")
+        lines += ["", "look-alike columns: share of the look-alike's images still recognised (top-1)"]
     return "\n".join(lines)

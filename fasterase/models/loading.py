@@ -42,6 +42,17 @@ def _finish(pipe, device: str | torch.device, where: Path):
     return pipe
 
 
+def quiet_loading() -> None:
+    """Loading a small model should not draw progress bars over the command's own output, and
+    transformers warns about optional packages (torchvision) that fasterase never uses."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _pipeline_options(pipeline_class, dtype: torch.dtype) -> dict:
     """The loading options: the dtype, and no safety checker where the pipeline has one."""
     options = {_dtype_keyword(): dtype}
@@ -65,13 +76,8 @@ def load_pipeline(
     cache). Never unpickles. Anything but SD1.x, SD2.x and SDXL base is refused with one line.
     """
     import diffusers
-    import transformers
 
-    # Loading a small model should not draw progress bars over the command's own output, and
-    # transformers warns about optional packages (torchvision) that fasterase never uses.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_loading()
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     path = model_path(model)
     if model_config is not None and not path.is_file():

@@ -1,4 +1,4 @@
-"""The built-in world's judge: its prompts and its classifier."""
+"""The built-in world's judge (`--judge world`, the default on the built-in model): its prompts and its classifier."""
 
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ class WorldJudge:
             return [f"a photo of a {concept} {world.SHAPES[i % len(world.SHAPES)]}" for i in range(n)]
         return [f"a photo of a {world.SHAPES[i % len(world.SHAPES)]} on a {concept} background" for i in range(n)]
 
-    def recognised(self, images: np.ndarray, concept: str) -> tuple[np.ndarray, np.ndarray]:
-        """Top-1/top-5 over every class of the concept's head: shapes and emblems share one head
-        (with "nothing"), as the papers rank over all 1000 ImageNet classes, not over a family."""
+    def recognised(self, images: np.ndarray, concept: str, labels: list[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Top-1/top-5 over every class of the concept's head, whatever the evaluation's `labels`:
+        shapes and emblems share one head (with "nothing"), as the papers rank over all 1000
+        ImageNet classes, not over a family."""
         family = world.concept_family(concept)
         logits = predict(self.classifier, images)[_HEAD[family]]
         classes = world.OBJECTS if _HEAD[family] == "object" else world.family_members(family)
