@@ -22,6 +22,7 @@ from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_k
 from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
 from .evaluation.judges import load_judge
+from .evaluation.prompts import read_prompt_set
 from .evaluation.report import plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
@@ -261,7 +262,7 @@ _ORIGINAL_IMAGES: dict[tuple, dict[str, np.ndarray]] = {}
 
 def _original_images(pipe, base: Fingerprints, judge, plan, sampling: SamplingConfig, progress) -> dict[str, np.ndarray]:
     model = json.dumps([base, dict(pipe.scheduler.config)], sort_keys=True, default=str)
-    key = (model, tuple(plan.erased), tuple(plan.preserved), tuple(plan.lookalikes), plan.n, sampling)
+    key = (model, tuple(plan.erased), tuple(plan.preserved), tuple(plan.lookalikes), plan.n, plan.prompt_set, sampling)
     if key not in _ORIGINAL_IMAGES:
         if len(_ORIGINAL_IMAGES) >= 8:
             _ORIGINAL_IMAGES.pop(next(iter(_ORIGINAL_IMAGES)))
@@ -283,14 +284,18 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     judge: str | None = None,
     judge_options: dict | None = None,
+    prompts: str | Path | None = None,
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
-    `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated."""
+    `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated.
+    `judge` names the judge (`fasterase.evaluation.judges`; default: the built-in world's, on the
+    built-in model) and `judge_options` its options; `prompts`, a prompt set file
+    (`fasterase.evaluation.prompts`), replaces the judge's n prompts per concept."""
     if not isinstance(edit, (str, os.PathLike)) or not str(edit):
         raise UserError(f"edit must be an edit file's path, not {shown(edit)}")
     return compare(
         [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress,
-        judge=judge, judge_options=judge_options,
+        judge=judge, judge_options=judge_options, prompts=prompts,
     )["edits"][0]
 
 
@@ -308,6 +313,7 @@ def compare(
     progress: Callable[[int], None] | None = None,
     judge: str | None = None,
     judge_options: dict | None = None,
+    prompts: str | Path | None = None,
 ) -> dict:
     """Several edits of one base model (e.g. one per method) evaluated on the same concepts,
     prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
@@ -318,7 +324,7 @@ def compare(
     concepts = strings("concepts", concepts, optional=True)
     preserve = strings("preserve", preserve, optional=True)
     check_count("n", n)
-    check_paths(model=model, model_config=model_config, key=key, grid=grid)
+    check_paths(model=model, model_config=model_config, key=key, grid=grid, prompts=prompts)
     check_sampling(sampling)
     check_callables(progress=progress)
     loaded = [load_edit(e) for e in edits]
@@ -331,7 +337,7 @@ def compare(
     if grid is not None:
         grid = ensure_writable(Path(grid), [local_path(model), model_config, *edits, key])
     judge = evaluation_judge(judge, judge_options, model)
-    plan = plan_for(judge, list(concepts), preserve, n)
+    plan = plan_for(judge, list(concepts), preserve, n, read_prompt_set(prompts) if prompts is not None else None)
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprints(pipe)
     for e in loaded:

@@ -15,6 +15,7 @@ from fasterase.cli import main
 from fasterase.config import SamplingConfig
 from fasterase.errors import UserError
 from fasterase.evaluation.judges import load_judge
+from hand_made_edits import hand_made_edit
 
 FAST = SamplingConfig(steps=2)
 
@@ -38,20 +39,6 @@ def clip_dir(tmp_path_factory):
     )
     CLIPModel(config).save_pretrained(str(folder))
     return folder
-
-
-def hand_made_edit(model, path, concepts=("circle",)):
-    """An edit of `model` made by hand (cheap): the first cross-attention value projection zeroed."""
-    from fasterase.edits import Edit, EditMetadata, save_edit
-    from fasterase.models.family import family_of
-    from fasterase.models.fingerprint import fingerprints
-    from fasterase.models.loading import load_pipeline
-
-    pipe = load_pipeline(model)
-    name, weight = next((n, p) for n, p in pipe.unet.named_parameters() if n.endswith("attn2.to_v.weight"))
-    metadata = EditMetadata("uce", list(concepts), {}, fingerprints(pipe, family_of(pipe).components()), str(model))
-    save_edit(path, Edit({f"unet.{name}": torch.zeros_like(weight)}, metadata))
-    return path
 
 
 def test_clip_ranks_by_cosine_similarity_over_candidates_and_concepts(clip_dir):

@@ -6,14 +6,16 @@ PSR-k: share of the preserved concepts' images whose concept IS in the top-k.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ..errors import printable
+from ..errors import UserError, printable
 from .judges import Judge
-from .sampling import SamplingConfig, generate
+from .prompts import PromptRow
+from .sampling import SamplingConfig, generate, generate_rows
 
 
 @dataclass
@@ -21,21 +23,40 @@ class EvaluationPlan:
     erased: list[str]
     preserved: list[str]
     lookalikes: list[str] = field(default_factory=list)
-    n: int = 32  # images per concept
+    n: int = 32  # images per concept, without a prompt set
+    # a prompt set's rows, in the file's order, each with its concept: one image per row
+    prompt_set: tuple[PromptRow, ...] = ()
 
     def concepts(self) -> list[str]:
         return list(dict.fromkeys(self.erased + self.preserved + self.lookalikes))
 
 
-def plan_for(judge: Judge, erased: list[str], preserve: list[str] | None, n: int) -> EvaluationPlan:
+def plan_for(judge: Judge, erased: list[str], preserve: list[str] | None, n: int, prompt_set: list[PromptRow] | None = None) -> EvaluationPlan:
     """Without an explicit preservation list: every sibling of the erased concepts, with their
-    look-alikes reported on their own."""
+    look-alikes reported on their own. With a prompt set, its rows are the prompts: a row without
+    a concept asks for the (one) erased concept, and the set's other concepts are the preserved ones."""
     for concept in list(erased) + list(preserve or []):
         judge.check(concept)
+    if prompt_set is not None:
+        return _prompt_set_plan(judge, erased, preserve, prompt_set)
     lookalikes = [c for e in erased if (c := judge.lookalike(e)) and c not in erased]
     if preserve is None:
         preserve = [s for e in erased for s in judge.siblings(e) if s not in erased and s not in lookalikes]
     return EvaluationPlan(erased, list(dict.fromkeys(preserve)), list(dict.fromkeys(lookalikes)), n)
+
+
+def _prompt_set_plan(judge: Judge, erased: list[str], preserve: list[str] | None, prompt_set: list[PromptRow]) -> EvaluationPlan:
+    if len(erased) != 1 and any(row.concept is None for row in prompt_set):
+        raise UserError("with several erased concepts, every prompt of the set needs its concept (a concept column)")
+    rows = tuple(row if row.concept is not None else dataclasses.replace(row, concept=erased[0]) for row in prompt_set)
+    present = list(dict.fromkeys(row.concept for row in rows))
+    for concept in present:
+        judge.check(concept)
+    preserved = list(preserve) if preserve is not None else [c for c in present if c not in erased]
+    if missing := [c for c in [*erased, *preserved] if c not in present]:
+        raise UserError(f"the prompt set has no prompt for the concept {missing[0]!r}")
+    rows = tuple(row for row in rows if row.concept in erased or row.concept in preserved)
+    return EvaluationPlan(list(erased), preserved, [], 0, rows)
 
 
 def recognition(judge: Judge, images: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -52,7 +73,12 @@ def recognition(judge: Judge, images: dict[str, np.ndarray]) -> dict[str, dict]:
 
 
 def sample_concepts(pipe, judge: Judge, plan: EvaluationPlan, sampling: SamplingConfig, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Each concept's images: `plan.n` from the judge's prompts, or one per row of the prompt set."""
     concepts = plan.concepts()
+    if plan.prompt_set:
+        images = np.concatenate(list(generate_rows(pipe, list(plan.prompt_set), sampling, progress)))
+        of = np.array([row.concept for row in plan.prompt_set])
+        return {c: images[of == c] for c in concepts}
     prompts = [p for c in concepts for p in judge.prompts(c, plan.n)]
     images = generate(pipe, prompts, sampling, progress)
     return {c: images[i * plan.n : (i + 1) * plan.n] for i, c in enumerate(concepts)}
@@ -77,7 +103,7 @@ def report(plan: EvaluationPlan, original: dict[str, dict[str, float]], edited: 
         "original": scores(plan, original),
         "lookalikes": {c: {"original_top1": original[c]["top1"], "edited_top1": edited[c]["top1"]} for c in plan.lookalikes},
         "concepts": {c: {"role": role[c], "original": original[c], "edited": edited[c]} for c in plan.concepts()},
-        "images_per_concept": plan.n,
+        "images_per_concept": plan.n if not plan.prompt_set else {c: sum(r.concept == c for r in plan.prompt_set) for c in plan.concepts()},
     }
 
 

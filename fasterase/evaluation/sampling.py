@@ -10,6 +10,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..errors import UserError, first_line
+from .prompts import PromptRow
 
 
 # Latent pixels drawn at a time by default: 64 images on the built-in world (8x8 latents) and at
@@ -54,26 +55,51 @@ def generate_chunks(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConf
     prompt list gives the same images whatever else runs, and an edited model is compared with its
     base on the same noise.
     """
-    pipe.set_progress_bar_config(disable=True)
     check_steps(pipe.scheduler, cfg.steps)
     size = chunk_size(pipe, cfg.batch_size)
     for i, start in enumerate(range(0, len(prompts), size)):
         chunk = prompts[start : start + size]
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
-        latents = torch.randn(
-            (len(chunk), pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size),
-            generator=generator,
-        ).to(device=pipe.device, dtype=pipe.unet.dtype)
-        out = pipe(
-            prompt=chunk,
-            latents=latents,
-            num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance,
-            output_type="np",
-        )
-        images = np.asarray(out.images, dtype=np.float32)
-        if not np.isfinite(images).all():  # would be written as black or noise, and judged
-            raise UserError("sampling produced nan or inf pixels: the model's weights or the guidance overflow in this dtype")
-        if progress is not None:
-            progress(len(chunk))
-        yield images
+        latents = torch.randn((len(chunk), *_latent_shape(pipe)), generator=generator)
+        yield _draw(pipe, chunk, latents, cfg.guidance, cfg, progress)
+
+
+@torch.no_grad()
+def generate_rows(pipe, rows: list[PromptRow], cfg: SamplingConfig = SamplingConfig(), progress=None) -> Iterator[np.ndarray]:
+    """The images of a prompt set's rows (`fasterase.evaluation.prompts`), as `generate_chunks`
+    gives them, each row's noise drawn from its own seed (else cfg.seed + its index) and with its
+    own guidance (else cfg.guidance): the images do not depend on the batch size or on which rows
+    are drawn together. A chunk holds consecutive rows of one guidance."""
+    check_steps(pipe.scheduler, cfg.steps)
+    size = chunk_size(pipe, cfg.batch_size)
+    start = 0
+    while start < len(rows):
+        guidance = rows[start].guidance if rows[start].guidance is not None else cfg.guidance
+        end = start + 1
+        while end < min(len(rows), start + size) and (rows[end].guidance if rows[end].guidance is not None else cfg.guidance) == guidance:
+            end += 1
+        seeds = [row.seed if row.seed is not None else cfg.seed + start + i for i, row in enumerate(rows[start:end])]
+        latents = torch.cat([torch.randn((1, *_latent_shape(pipe)), generator=torch.Generator(device="cpu").manual_seed(s)) for s in seeds])
+        yield _draw(pipe, [row.prompt for row in rows[start:end]], latents, guidance, cfg, progress)
+        start = end
+
+
+def _latent_shape(pipe) -> tuple[int, int, int]:
+    return (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+
+
+def _draw(pipe, prompts: list[str], latents: torch.Tensor, guidance: float, cfg: SamplingConfig, progress) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt=prompts,
+        latents=latents.to(device=pipe.device, dtype=pipe.unet.dtype),
+        num_inference_steps=cfg.steps,
+        guidance_scale=guidance,
+        output_type="np",
+    )
+    images = np.asarray(out.images, dtype=np.float32)
+    if not np.isfinite(images).all():  # would be written as black or noise, and judged
+        raise UserError("sampling produced nan or inf pixels: the model's weights or the guidance overflow in this dtype")
+    if progress is not None:
+        progress(len(prompts))
+    return images

@@ -1,0 +1,19 @@
+"""Edits made by hand, cheaply, for tests that need a valid edit but not an erasure."""
+
+from __future__ import annotations
+
+import torch
+
+
+def hand_made_edit(model, path, concepts=("circle",)):
+    """An edit of `model` made by hand (cheap): the first cross-attention value projection zeroed."""
+    from fasterase.edits import Edit, EditMetadata, save_edit
+    from fasterase.models.family import family_of
+    from fasterase.models.fingerprint import fingerprints
+    from fasterase.models.loading import load_pipeline
+
+    pipe = load_pipeline(model)
+    name, weight = next((n, p) for n, p in pipe.unet.named_parameters() if n.endswith("attn2.to_v.weight"))
+    metadata = EditMetadata("uce", list(concepts), {}, fingerprints(pipe, family_of(pipe).components()), str(model))
+    save_edit(path, Edit({f"unet.{name}": torch.zeros_like(weight)}, metadata))
+    return path
