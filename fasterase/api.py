@@ -23,7 +23,8 @@ from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
 from .evaluation.judges import load_judge
 from .evaluation.prompts import read_prompt_set
-from .evaluation.report import plan_for, recognition, report, sample_concepts
+from .evaluation.quality import NO_CLIP, clip_scores, scorer_for
+from .evaluation.report import concept_prompts, plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
 from .methods import Progress, erase_config, get_method
@@ -285,17 +286,19 @@ def evaluate(
     judge: str | None = None,
     judge_options: dict | None = None,
     prompts: str | Path | None = None,
+    clip: str | Path | None = None,
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
     `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated.
     `judge` names the judge (`fasterase.evaluation.judges`; default: the built-in world's, on the
     built-in model) and `judge_options` its options; `prompts`, a prompt set file
-    (`fasterase.evaluation.prompts`), replaces the judge's n prompts per concept."""
+    (`fasterase.evaluation.prompts`), replaces the judge's n prompts per concept. `clip`, a local
+    CLIP folder, scores quality (`fasterase.evaluation.quality`; by default the clip judge's)."""
     if not isinstance(edit, (str, os.PathLike)) or not str(edit):
         raise UserError(f"edit must be an edit file's path, not {shown(edit)}")
     return compare(
         [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress,
-        judge=judge, judge_options=judge_options, prompts=prompts,
+        judge=judge, judge_options=judge_options, prompts=prompts, clip=clip,
     )["edits"][0]
 
 
@@ -314,6 +317,7 @@ def compare(
     judge: str | None = None,
     judge_options: dict | None = None,
     prompts: str | Path | None = None,
+    clip: str | Path | None = None,
 ) -> dict:
     """Several edits of one base model (e.g. one per method) evaluated on the same concepts,
     prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
@@ -324,7 +328,7 @@ def compare(
     concepts = strings("concepts", concepts, optional=True)
     preserve = strings("preserve", preserve, optional=True)
     check_count("n", n)
-    check_paths(model=model, model_config=model_config, key=key, grid=grid, prompts=prompts)
+    check_paths(model=model, model_config=model_config, key=key, grid=grid, prompts=prompts, clip=clip)
     check_sampling(sampling)
     check_callables(progress=progress)
     loaded = [load_edit(e) for e in edits]
@@ -338,6 +342,7 @@ def compare(
         grid = ensure_writable(Path(grid), [local_path(model), model_config, *edits, key])
     judge = evaluation_judge(judge, judge_options, model)
     plan = plan_for(judge, list(concepts), preserve, n, read_prompt_set(prompts) if prompts is not None else None)
+    scorer = scorer_for(judge, None if clip is None else str(clip))
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     base = fingerprints(pipe)
     for e in loaded:
@@ -345,13 +350,17 @@ def compare(
     matching_key = load_matching_key(key, loaded)
     original_images = _original_images(pipe, base, judge, plan, sampling, progress)
     original = recognition(judge, original_images)
+    roles, prompts_of = {"erased": plan.erased, "preserved": plan.preserved}, concept_prompts(judge, plan)
+    original_quality = clip_scores(scorer, roles, prompts_of, original_images) if scorer is not None else None
     results, rows = [], []
     for path, e in zip(edits, loaded):
         edited_pipe = load_pipeline(model, device=default_device(), model_config=model_config) if results else pipe
         apply_edit(edited_pipe, e, base)
         with key_block(edited_pipe, matching_key):
             edited_images = sample_concepts(edited_pipe, judge, plan, sampling, progress)
-        results.append({**report(plan, original, recognition(judge, edited_images)), "edit": str(path), "method": e.metadata.method})
+        edited_quality = clip_scores(scorer, roles, prompts_of, edited_images) if scorer is not None else None
+        quality = {"clip_score": {"original": original_quality, "edited": edited_quality} if scorer is not None else NO_CLIP}
+        results.append({**report(plan, original, recognition(judge, edited_images)), "quality": quality, "edit": str(path), "method": e.metadata.method})
         rows.append((e.metadata.method, edited_images))
     if grid is not None:
         pictured = plan.erased + plan.lookalikes + plan.preserved[:3]

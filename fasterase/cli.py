@@ -140,7 +140,7 @@ def _cmd_evaluate(args) -> int:
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
     comparison = api.compare(
         args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
-        sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts,
+        sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts, clip=args.clip,
     )
     single = len(args.edit) == 1
     if args.json:
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", help="what recognises the concepts: world (the built-in classifier; the default on the built-in model), clip:DIR (a local CLIP folder), nudenet, or module:Class of your own")
     p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the evaluated concepts, one a line (e.g. Imagenette's ten classes)")
     p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML), e.g. --judge-set threshold=0.5")
+    p.add_argument("--clip", metavar="DIR", help="a local CLIP folder that scores quality (CLIP score of erased and preserved images, before and after); default: the clip judge's")
     p.add_argument("--prompts", metavar="FILE", help="a prompt set: .csv with a prompt column and optional seed, guidance, concept (as I2P publishes it), or text, one prompt a line; one image per prompt instead of --n per concept")
     _sampling_options(p)
     p.add_argument("--json", action="store_true")

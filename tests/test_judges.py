@@ -66,8 +66,26 @@ def test_clip_judge_end_to_end_on_a_tiny_pipeline(clip_dir, family_pipeline_dirs
     assert {c: d["role"] for c, d in result["concepts"].items()} == {"circle": "erased", "square": "preserved", "star": "preserved"}
     assert all(0 <= result[k] <= 1 for k in ("esr1", "esr5", "psr1", "psr5")) and result["esr5"] == 0.0, "3 labels: always in the top 5"
     assert (tmp_path / "grid.png").is_file()
+    kept = result["quality"]["clip_score"]
+    assert set(kept) == {"original", "edited"} and all(0 <= kept[w][role] <= 100 for w in kept for role in ("erased", "preserved"))
     assert main(argv) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "|  | ESR-1 | ESR-5 | PSR-1 | PSR-5 |"
+    table = capsys.readouterr().out
+    assert table.splitlines()[0] == "|  | ESR-1 | ESR-5 | PSR-1 | PSR-5 |" and "CLIP score: erased " in table
+
+
+def test_clip_score_is_torchmetrics_definition(clip_dir):
+    from fasterase.evaluation.quality import clip_score
+
+    scorer = load_judge(f"clip:{clip_dir}")
+    scorer.image_embeddings = lambda images: torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scorer.text_embeddings = lambda texts: torch.tensor([[0.0, 1.0], [0.0, 1.0]])[: len(texts)]
+    assert clip_score(scorer, np.zeros((2, 4, 4, 3)), ["a", "b"]) == pytest.approx(100 * (0 + 0.8) / 2)
+
+
+def test_quality_without_a_clip_model_says_why(tmp_path):
+    edit = hand_made_edit(None, tmp_path / "edit.safetensors")
+    result = api.evaluate(edit, n=2, sampling=FAST, preserve=["square"])
+    assert result["quality"]["clip_score"] == {"unavailable": "no CLIP model: give one with --clip DIR (or judge with --judge clip:DIR)"}
 
 
 def test_a_users_judge_wrapping_the_world_classifier_agrees_with_world(tmp_path, monkeypatch):
@@ -127,6 +145,7 @@ def test_nudenet_judge_runs_the_real_detector_on_generated_images(tmp_path, caps
     (["--judge", "clip:{clip}", "--candidates", "{tmp}/labels.txt"], "the concept 'circle' is not one of the clip judge's candidates"),
     (["--judge", "clip:{clip}", "--candidates", "{tmp}/missing.txt"], "cannot read"),
     (["--model", "{model}"], "evaluate needs a judge for a model other than the built-in world"),
+    (["--clip", "{tmp}/missing"], "is not a CLIP model folder"),
 ])
 def test_bad_judges(extra, message, clip_dir, tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(api, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded before the judge was checked"))

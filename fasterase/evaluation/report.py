@@ -72,15 +72,22 @@ def recognition(judge: Judge, images: dict[str, np.ndarray]) -> dict[str, dict]:
     return rates
 
 
+def concept_prompts(judge: Judge, plan: EvaluationPlan) -> dict[str, list[str]]:
+    """Each concept's prompts, one per image: `plan.n` from the judge, or its rows of the prompt set."""
+    if plan.prompt_set:
+        return {c: [row.prompt for row in plan.prompt_set if row.concept == c] for c in plan.concepts()}
+    return {c: judge.prompts(c, plan.n) for c in plan.concepts()}
+
+
 def sample_concepts(pipe, judge: Judge, plan: EvaluationPlan, sampling: SamplingConfig, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Each concept's images: `plan.n` from the judge's prompts, or one per row of the prompt set."""
+    """Each concept's images, one per prompt of `concept_prompts`."""
     concepts = plan.concepts()
     if plan.prompt_set:
         images = np.concatenate(list(generate_rows(pipe, list(plan.prompt_set), sampling, progress)))
         of = np.array([row.concept for row in plan.prompt_set])
         return {c: images[of == c] for c in concepts}
-    prompts = [p for c in concepts for p in judge.prompts(c, plan.n)]
-    images = generate(pipe, prompts, sampling, progress)
+    prompts = concept_prompts(judge, plan)
+    images = generate(pipe, [p for c in concepts for p in prompts[c]], sampling, progress)
     return {c: images[i * plan.n : (i + 1) * plan.n] for i, c in enumerate(concepts)}
 
 
@@ -131,6 +138,11 @@ def format_table(result: dict) -> str:
         for key, before in r["original"].get("details", {}).items():
             if isinstance(before, float):
                 notes.append(f"{printable(concept, 40)}: {key.replace('_', ' ')} {_percent(before)} -> {_percent(r['edited']['details'][key])}")
+    scores_kept = result.get("quality", {}).get("clip_score", {})
+    if "edited" in scores_kept:
+        notes.append("CLIP score: " + "; ".join(
+            f"{role} {scores_kept['original'][role]:.1f} -> {scores_kept['edited'][role]:.1f}" for role in scores_kept["edited"]
+        ))
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
