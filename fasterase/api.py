@@ -19,12 +19,13 @@ import torch
 from .attention import backend_processors
 from .config import SamplingConfig, check_count, check_paths, strings
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
+from .distributed import is_main, ranks
 from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
 from .evaluation.judges import load_judge
 from .evaluation.prompts import read_prompt_set
 from .evaluation.quality import NO_CLIP, clip_scores, scorer_for
-from .evaluation.report import concept_prompts, plan_for, recognition, report, sample_concepts
+from .evaluation.report import Share, concept_prompts, first_images, plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
 from .methods import Progress, erase_config, get_method
@@ -35,6 +36,7 @@ from .models.text import check_concept
 
 
 def default_device() -> torch.device:
+    ranks()  # under torchrun: join the process group, and on GPUs take this process's GPU, first
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -238,7 +240,9 @@ def generate(
         apply_edit(pipe, e, fingerprints(pipe, family_of(pipe).components()))
     with key_block(pipe, matching_key):
         images = sample_images(pipe, [p for p in prompts for _ in range(n)], sampling)
-    return save_png(grid_image([images[i * n : (i + 1) * n] for i in range(len(prompts))], prompts), out)
+    if is_main():  # under torchrun, every process drew its share and has them all
+        save_png(grid_image([images[i * n : (i + 1) * n] for i in range(len(prompts))], prompts), out)
+    return out
 
 
 def evaluation_judge(judge: str | None, options: dict | None, model):
@@ -258,10 +262,10 @@ def evaluation_judge(judge: str | None, options: dict | None, model):
 
 # Base-model images of an evaluation plan, by (the base model's weights and scheduler, concepts, n,
 # sampling): every edit of one base compared on the same plan samples the base model once per process.
-_ORIGINAL_IMAGES: dict[tuple, dict[str, np.ndarray]] = {}
+_ORIGINAL_IMAGES: dict[tuple, dict[str, Share]] = {}
 
 
-def _original_images(pipe, base: Fingerprints, judge, plan, sampling: SamplingConfig, progress) -> dict[str, np.ndarray]:
+def _original_images(pipe, base: Fingerprints, judge, plan, sampling: SamplingConfig, progress) -> dict[str, Share]:
     model = json.dumps([base, dict(pipe.scheduler.config)], sort_keys=True, default=str)
     key = (model, tuple(plan.erased), tuple(plan.preserved), tuple(plan.lookalikes), plan.n, plan.prompt_set, sampling)
     if key not in _ORIGINAL_IMAGES:
@@ -365,8 +369,11 @@ def compare(
     if grid is not None:
         pictured = plan.erased + plan.lookalikes + plan.preserved[:3]
         columns = [("original", original_images)] + rows
-        grid_rows = [np.concatenate([images[c][:6 if len(columns) == 2 else 3] for _, images in columns]) for c in pictured]
-        save_png(grid_image(grid_rows, [f"{c} ({' | '.join(name for name, _ in columns)})" for c in pictured]), grid)
+        per_row = 6 if len(columns) == 2 else 3
+        pictures = [first_images(shares, pictured, per_row) for _, shares in columns]  # every process takes part
+        if is_main():
+            grid_rows = [np.concatenate([images[c] for images in pictures]) for c in pictured]
+            save_png(grid_image(grid_rows, [f"{c} ({' | '.join(name for name, _ in columns)})" for c in pictured]), grid)
         for result in results:
             result["grid"] = str(grid)
     return {"original": results[0]["original"], "edits": results}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", metavar="DIR", help=model_config_help)
     p.add_argument("--edit", help="an edit file to apply")
     p.add_argument("--key", help="a key file (KPOP) that recovers the erased concepts")
-    p.add_argument("--n", type=int, default=8, help="images per prompt")
+    # --count, because torchrun reads a bare --n as an abbreviation of its own options
+    p.add_argument("--n", "--count", dest="n", type=int, default=8, help="images per prompt")
     p.add_argument("--out", default="grid.png", help="the PNG to write")
     _sampling_options(p)
     p.add_argument("--json", action="store_true")
@@ -316,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=model_help)
     p.add_argument("--model-config", metavar="DIR", help=model_config_help)
     p.add_argument("--key", help="evaluate with a KPOP key in place")
-    p.add_argument("--n", type=int, default=32, help="images per concept")
+    p.add_argument("--n", "--count", dest="n", type=int, default=32, help="images per concept")
     p.add_argument("--grid", help="before/after PNG (default: beside the edit)")
     p.add_argument("--judge", help="what recognises the concepts: world (the built-in classifier; the default on the built-in model), clip:DIR (a local CLIP folder), nudenet, or module:Class of your own")
     p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the evaluated concepts, one a line (e.g. Imagenette's ten classes)")
@@ -371,12 +373,17 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
         return exc.code if isinstance(exc.code, int) else 2
+    # Under torchrun every process runs the command and rank 0 alone reports.
+    reporting = os.environ.get("RANK", "0") == "0"
+    if not reporting:
+        sys.stdout = open(os.devnull, "w")
     # SIGTERM unwinds like SIGINT, so that what is half-written (temporary files) is removed.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.run(args)
     except UserError as exc:
-        print(f"fasterase: error: {printable(str(exc))}", file=sys.stderr)
+        if reporting:
+            print(f"fasterase: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fasterase: interrupted", file=sys.stderr)

@@ -122,7 +122,8 @@ def test_nudenet_counts_exposed_classes_above_the_threshold(tmp_path):
     judge.detector.detect_batch = lambda images: seen.extend(images) or [detections, []]
     images = np.random.default_rng(0).random((2, 16, 16, 3))
     assert [t.tolist() for t in judge.recognised(images, "nudity", ["nudity"])] == [[True, False], [True, False]]
-    assert judge.details(images) == {"nudity_rate": 0.5, "images_per_class": {"FEMALE_BREAST_EXPOSED": 1}}
+    assert judge.details(images) == [["FEMALE_BREAST_EXPOSED"], []]
+    assert judge.summary(judge.details(images)) == {"nudity_rate": 0.5, "images_per_class": {"FEMALE_BREAST_EXPOSED": 1}}
     assert len(seen) == 2, "recognised and details share one detection pass"
     assert seen[0].dtype == np.uint8 and np.array_equal(seen[0][..., ::-1], (images[0] * 255).round().astype(np.uint8)), "BGR, as cv2.imread"
 

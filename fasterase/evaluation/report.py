@@ -12,10 +12,11 @@ from typing import Callable
 
 import numpy as np
 
+from ..distributed import all_gather
 from ..errors import UserError, printable
 from .judges import Judge
 from .prompts import PromptRow
-from .sampling import SamplingConfig, generate, generate_rows
+from .sampling import SamplingConfig, draw_share
 
 
 @dataclass
@@ -59,17 +60,45 @@ def _prompt_set_plan(judge: Judge, erased: list[str], preserve: list[str] | None
     return EvaluationPlan(list(erased), preserved, [], 0, rows)
 
 
-def recognition(judge: Judge, images: dict[str, np.ndarray]) -> dict[str, dict]:
+@dataclass
+class Share:
+    """A concept's images that this process drew (all of them outside torchrun): their positions
+    among the concept's images, and the images (k, H, W, 3) in [0, 1]."""
+
+    positions: np.ndarray  # (k,) int
+    images: np.ndarray
+
+
+def per_image(shares: dict[str, Share], compute: Callable[[str, Share], list]) -> dict[str, list]:
+    """concept -> one value per image, in the concept's image order: `compute(concept, share)`
+    gives the values of this process's images, and every process gets them all."""
+    local = {c: (share.positions.tolist(), compute(c, share) if len(share.positions) else []) for c, share in shares.items()}
+    parts = all_gather(local)
+    return {c: [value for _, value in sorted(pair for part in parts for pair in zip(*part[c]))] for c in shares}
+
+
+def recognition(judge: Judge, shares: dict[str, Share]) -> dict[str, dict]:
     """concept -> {"top1": rate, "top5": rate} for that concept's images, ranked over every
-    concept of the evaluation, with the judge's "details" where it gives any (NudeNet's)."""
-    labels = list(images)
+    concept of the evaluation, with the judge's "details" where it gives any (NudeNet's). Each
+    process judges the images it drew."""
+    labels = list(shares)
+    ranked = per_image(shares, lambda c, share: list(zip(*(v.tolist() for v in judge.recognised(share.images, c, labels)))))
+    details = per_image(shares, lambda c, share: judge.details(share.images)) if hasattr(judge, "details") else {}
     rates = {}
-    for concept, imgs in images.items():
-        top1, top5 = judge.recognised(imgs, concept, labels)
-        rates[concept] = {"top1": float(top1.mean()), "top5": float(top5.mean())}
-        if hasattr(judge, "details"):
-            rates[concept]["details"] = judge.details(imgs)
+    for concept, values in ranked.items():
+        rates[concept] = {"top1": float(np.mean([v[0] for v in values])), "top5": float(np.mean([v[1] for v in values]))}
+        if details:
+            rates[concept]["details"] = judge.summary(details[concept])
     return rates
+
+
+def first_images(shares: dict[str, Share], concepts: list[str], k: int) -> dict[str, np.ndarray]:
+    """The first k images of each of `concepts` (for a grid), put together from every process."""
+    kept = per_image(
+        {c: Share(shares[c].positions[shares[c].positions < k], shares[c].images[shares[c].positions < k]) for c in concepts},
+        lambda c, share: list(share.images),
+    )
+    return {c: np.stack(images) for c, images in kept.items()}
 
 
 def concept_prompts(judge: Judge, plan: EvaluationPlan) -> dict[str, list[str]]:
@@ -79,16 +108,29 @@ def concept_prompts(judge: Judge, plan: EvaluationPlan) -> dict[str, list[str]]:
     return {c: judge.prompts(c, plan.n) for c in plan.concepts()}
 
 
-def sample_concepts(pipe, judge: Judge, plan: EvaluationPlan, sampling: SamplingConfig, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Each concept's images, one per prompt of `concept_prompts`."""
+def sample_concepts(pipe, judge: Judge, plan: EvaluationPlan, sampling: SamplingConfig, progress: Callable[[int], None] | None = None) -> dict[str, Share]:
+    """Each concept's images, one per prompt of `concept_prompts`: under torchrun, this
+    process's share of them (`draw_share`)."""
     concepts = plan.concepts()
     if plan.prompt_set:
-        images = np.concatenate(list(generate_rows(pipe, list(plan.prompt_set), sampling, progress)))
-        of = np.array([row.concept for row in plan.prompt_set])
-        return {c: images[of == c] for c in concepts}
-    prompts = concept_prompts(judge, plan)
-    images = generate(pipe, [p for c in concepts for p in prompts[c]], sampling, progress)
-    return {c: images[i * plan.n : (i + 1) * plan.n] for i, c in enumerate(concepts)}
+        items, of = list(plan.prompt_set), [row.concept for row in plan.prompt_set]
+    else:
+        prompts = concept_prompts(judge, plan)
+        items, of = [p for c in concepts for p in prompts[c]], [c for c in concepts for _ in prompts[c]]
+    # each image's position among its concept's images
+    seen = dict.fromkeys(concepts, 0)
+    position = []
+    for concept in of:
+        position.append(seen[concept])
+        seen[concept] += 1
+    drawn = draw_share(pipe, items, sampling, progress)
+    indices = np.array([start + j for start, images in drawn for j in range(len(images))], dtype=np.int64)
+    images = np.concatenate([images for _, images in drawn]) if drawn else None
+    shares = {}
+    for c in concepts:
+        mine = np.array([of[i] == c for i in indices], dtype=bool)
+        shares[c] = Share(np.array([position[i] for i in indices[mine]], dtype=np.int64), images[mine] if images is not None else np.zeros((0, 1, 1, 3), np.float32))
+    return shares
 
 
 def scores(plan: EvaluationPlan, rates: dict[str, dict[str, float]]) -> dict[str, float]:

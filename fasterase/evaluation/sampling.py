@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..config import SamplingConfig
+from ..distributed import all_gather, ranks
 from ..errors import UserError, first_line
 from .prompts import PromptRow
 
@@ -42,11 +43,11 @@ def check_steps(scheduler, steps: int) -> None:
 
 
 def generate(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), progress=None) -> np.ndarray:
-    """Images (N, H, W, 3) float32 in [0, 1], one per prompt (see `generate_chunks`)."""
-    return np.concatenate(list(generate_chunks(pipe, prompts, cfg, progress)))
+    """Images (N, H, W, 3) float32 in [0, 1], one per prompt (see `generate_chunks`); under
+    torchrun each process draws its share of the chunks and every process gets them all."""
+    return gather_images(draw_share(pipe, prompts, cfg, progress))
 
 
-@torch.no_grad()
 def generate_chunks(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), progress=None) -> Iterator[np.ndarray]:
     """The images of the prompts, (n, H, W, 3) float32 in [0, 1], a chunk at a time, so that a
     caller that keeps less than the pixels (latents, judgements) never holds them all.
@@ -55,33 +56,58 @@ def generate_chunks(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConf
     prompt list gives the same images whatever else runs, and an edited model is compared with its
     base on the same noise.
     """
-    check_steps(pipe.scheduler, cfg.steps)
-    size = chunk_size(pipe, cfg.batch_size)
-    for i, start in enumerate(range(0, len(prompts), size)):
-        chunk = prompts[start : start + size]
-        generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
-        latents = torch.randn((len(chunk), *_latent_shape(pipe)), generator=generator)
-        yield _draw(pipe, chunk, latents, cfg.guidance, cfg, progress)
+    return (images for _, images in _prompt_chunks(pipe, prompts, cfg, progress))
 
 
-@torch.no_grad()
 def generate_rows(pipe, rows: list[PromptRow], cfg: SamplingConfig = SamplingConfig(), progress=None) -> Iterator[np.ndarray]:
     """The images of a prompt set's rows (`fasterase.evaluation.prompts`), as `generate_chunks`
     gives them, each row's noise drawn from its own seed (else cfg.seed + its index) and with its
     own guidance (else cfg.guidance): the images do not depend on the batch size or on which rows
     are drawn together. A chunk holds consecutive rows of one guidance."""
+    return (images for _, images in _row_chunks(pipe, rows, cfg, progress))
+
+
+def draw_share(pipe, prompts: list[str] | list[PromptRow], cfg: SamplingConfig = SamplingConfig(), progress=None, share: tuple[int, int] | None = None) -> list[tuple[int, np.ndarray]]:
+    """This process's chunks of a prompt list (or of a prompt set's rows) as (position of the
+    chunk's first image, its images): chunk i goes to process i mod N (`share`: (rank, N), by
+    default torchrun's), drawn exactly as one process would draw it."""
+    rank, size = share or ranks()
+    chunks = _row_chunks if prompts and isinstance(prompts[0], PromptRow) else _prompt_chunks
+    return list(chunks(pipe, prompts, cfg, progress, lambda i: i % size == rank))
+
+
+def gather_images(share: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """Every process's `draw_share` put together in order: all the images, in every process."""
+    chunks = sorted((chunk for part in all_gather(share) for chunk in part), key=lambda chunk: chunk[0])
+    return np.concatenate([images for _, images in chunks])
+
+
+@torch.no_grad()
+def _prompt_chunks(pipe, prompts: list[str], cfg: SamplingConfig, progress, drawn=lambda i: True) -> Iterator[tuple[int, np.ndarray]]:
     check_steps(pipe.scheduler, cfg.steps)
     size = chunk_size(pipe, cfg.batch_size)
-    start = 0
+    for i, start in enumerate(range(0, len(prompts), size)):
+        if drawn(i):
+            generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
+            latents = torch.randn((len(prompts[start : start + size]), *_latent_shape(pipe)), generator=generator)
+            yield start, _draw(pipe, prompts[start : start + size], latents, cfg.guidance, cfg, progress)
+
+
+@torch.no_grad()
+def _row_chunks(pipe, rows: list[PromptRow], cfg: SamplingConfig, progress, drawn=lambda i: True) -> Iterator[tuple[int, np.ndarray]]:
+    check_steps(pipe.scheduler, cfg.steps)
+    size = chunk_size(pipe, cfg.batch_size)
+    guidance = [row.guidance if row.guidance is not None else cfg.guidance for row in rows]
+    start, i = 0, 0
     while start < len(rows):
-        guidance = rows[start].guidance if rows[start].guidance is not None else cfg.guidance
         end = start + 1
-        while end < min(len(rows), start + size) and (rows[end].guidance if rows[end].guidance is not None else cfg.guidance) == guidance:
+        while end < min(len(rows), start + size) and guidance[end] == guidance[start]:
             end += 1
-        seeds = [row.seed if row.seed is not None else cfg.seed + start + i for i, row in enumerate(rows[start:end])]
-        latents = torch.cat([torch.randn((1, *_latent_shape(pipe)), generator=torch.Generator(device="cpu").manual_seed(s)) for s in seeds])
-        yield _draw(pipe, [row.prompt for row in rows[start:end]], latents, guidance, cfg, progress)
-        start = end
+        if drawn(i):
+            seeds = [row.seed if row.seed is not None else cfg.seed + start + j for j, row in enumerate(rows[start:end])]
+            latents = torch.cat([torch.randn((1, *_latent_shape(pipe)), generator=torch.Generator(device="cpu").manual_seed(s)) for s in seeds])
+            yield start, _draw(pipe, [row.prompt for row in rows[start:end]], latents, guidance[start], cfg, progress)
+        start, i = end, i + 1
 
 
 def _latent_shape(pipe) -> tuple[int, int, int]:

@@ -39,8 +39,10 @@ class Judge(Protocol):
         """A concept easily confused with this one, reported on its own."""
 
 
-# A judge may also give details of a concept's images beyond top-1/top-5, as JSON-ready values:
-# def details(self, images: np.ndarray) -> dict  (NudeNet: the nudity rate and counts per class)
+# A judge may also give details beyond top-1/top-5, as JSON-ready values: one per image, which
+# torchrun's processes compute for the images each drew, and a concept's summary of them:
+# def details(self, images: np.ndarray) -> list  (NudeNet: the classes each image shows)
+# def summary(self, details: list) -> dict  (NudeNet: the nudity rate and images per class)
 
 # Packaged judges by name: "module:Class", imported when asked for (their dependencies are heavy).
 JUDGES = {

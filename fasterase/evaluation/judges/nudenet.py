@@ -77,12 +77,15 @@ class NudeNetJudge:
         nude = np.array([bool(found) for found in self._found(images)])
         return nude, nude
 
-    def details(self, images: np.ndarray) -> dict:
-        """The nudity rate of the images and, per counted class, how many images show it."""
-        found = self._found(images)
+    def details(self, images: np.ndarray) -> list[list[str]]:
+        """Per image, the counted classes it shows."""
+        return [sorted(found) for found in self._found(images)]
+
+    def summary(self, details: list[list[str]]) -> dict:
+        """The nudity rate of a concept's images and, per counted class, how many images show it."""
         return {
-            "nudity_rate": float(np.mean([bool(f) for f in found])) if found else float("nan"),
-            "images_per_class": {c: sum(c in f for f in found) for c in self.cfg.classes if any(c in f for f in found)},
+            "nudity_rate": float(np.mean([bool(d) for d in details])) if details else float("nan"),
+            "images_per_class": {c: sum(c in d for d in details) for c in self.cfg.classes if any(c in d for d in details)},
         }
 
     def _found(self, images: np.ndarray) -> list[set[str]]:
