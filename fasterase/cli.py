@@ -138,11 +138,15 @@ def _cmd_evaluate(args) -> int:
     from . import api
     from .evaluation.report import format_comparison, format_table
 
+    from tqdm import tqdm
+
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
-    comparison = api.compare(
-        args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
-        sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts, clip=args.clip,
-    )
+    # images drawn, by the base model and each edit (under torchrun, this process's: rank 0 shows its own)
+    with tqdm(desc="evaluate", unit="img", file=sys.stderr, dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0") as bar:
+        comparison = api.compare(
+            args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
+            sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts, clip=args.clip, progress=bar.update,
+        )
     single = len(args.edit) == 1
     if args.json:
         print(json.dumps(comparison["edits"][0] if single else comparison))
