@@ -141,12 +141,24 @@ def _cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
-    # images drawn, by the base model and each edit (under torchrun, this process's: rank 0 shows its own)
-    with tqdm(desc="evaluate", unit="img", file=sys.stderr, dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0") as bar:
+    bar = None
+
+    def progress(images: int) -> None:
+        # images drawn, by the base model and each edit (under torchrun, rank 0 shows its own);
+        # the bar starts with the first image, so that bad input still gets one line
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(desc="evaluate", unit="img", file=sys.stderr, dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0")
+        bar.update(images)
+
+    try:
         comparison = api.compare(
             args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
-            sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts, clip=args.clip, progress=bar.update,
+            sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts, clip=args.clip, progress=progress,
         )
+    finally:
+        if bar is not None:
+            bar.close()
     single = len(args.edit) == 1
     if args.json:
         print(json.dumps(comparison["edits"][0] if single else comparison))
