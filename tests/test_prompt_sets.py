@@ -49,16 +49,19 @@ def test_bad_prompt_sets(tmp_path, text, message, capsys, monkeypatch):
 
 
 def test_each_row_draws_the_same_image_whatever_is_drawn_with_it():
-    from fasterase.evaluation.sampling import generate_rows
+    from fasterase.evaluation.sampling import draw_share
     from fasterase.models.loading import load_pipeline
+
+    def images(rows, cfg):
+        return np.concatenate([images for _, images in draw_share(pipe, rows, cfg)])
 
     pipe = load_pipeline()
     rows = [PromptRow("a photo of a circle", 7), PromptRow("a photo of a square"), PromptRow("a photo of a star", guidance=2.0)]
-    together = np.concatenate(list(generate_rows(pipe, rows, SamplingConfig(steps=3))))
-    apart = np.concatenate(list(generate_rows(pipe, rows, SamplingConfig(steps=3, batch_size=1))))
+    together = images(rows, SamplingConfig(steps=3))
+    apart = images(rows, SamplingConfig(steps=3, batch_size=1))
     np.testing.assert_allclose(together, apart, atol=1e-5)
     # a row's own seed fixes its noise wherever the row is; without one, its index does
-    moved = np.concatenate(list(generate_rows(pipe, [PromptRow("a photo of a square", 1), rows[0]], SamplingConfig(steps=3))))
+    moved = images([PromptRow("a photo of a square", 1), rows[0]], SamplingConfig(steps=3))
     np.testing.assert_allclose(moved[1], together[0], atol=1e-5)
     np.testing.assert_allclose(moved[0], together[1], atol=1e-5)  # index 1 with seed 0 is seed 1
 

@@ -74,7 +74,7 @@ def per_image(shares: dict[str, Share], compute: Callable[[str, Share], list]) -
     gives the values of this process's images, and every process gets them all."""
     local = {c: (share.positions.tolist(), compute(c, share) if len(share.positions) else []) for c, share in shares.items()}
     parts = all_gather(local)
-    return {c: [value for _, value in sorted(pair for part in parts for pair in zip(*part[c]))] for c in shares}
+    return {c: [value for _, value in sorted((pair for part in parts for pair in zip(*part[c])), key=lambda pair: pair[0])] for c in shares}
 
 
 def recognition(judge: Judge, shares: dict[str, Share]) -> dict[str, dict]:

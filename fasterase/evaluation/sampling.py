@@ -59,18 +59,13 @@ def generate_chunks(pipe, prompts: list[str], cfg: SamplingConfig = SamplingConf
     return (images for _, images in _prompt_chunks(pipe, prompts, cfg, progress))
 
 
-def generate_rows(pipe, rows: list[PromptRow], cfg: SamplingConfig = SamplingConfig(), progress=None) -> Iterator[np.ndarray]:
-    """The images of a prompt set's rows (`fasterase.evaluation.prompts`), as `generate_chunks`
-    gives them, each row's noise drawn from its own seed (else cfg.seed + its index) and with its
-    own guidance (else cfg.guidance): the images do not depend on the batch size or on which rows
-    are drawn together. A chunk holds consecutive rows of one guidance."""
-    return (images for _, images in _row_chunks(pipe, rows, cfg, progress))
-
-
 def draw_share(pipe, prompts: list[str] | list[PromptRow], cfg: SamplingConfig = SamplingConfig(), progress=None, share: tuple[int, int] | None = None) -> list[tuple[int, np.ndarray]]:
-    """This process's chunks of a prompt list (or of a prompt set's rows) as (position of the
+    """This process's chunks of a prompt list, or of a prompt set's rows, as (position of the
     chunk's first image, its images): chunk i goes to process i mod N (`share`: (rank, N), by
-    default torchrun's), drawn exactly as one process would draw it."""
+    default torchrun's), drawn exactly as one process would draw it. A prompt set's rows each draw
+    their noise from their own seed (else cfg.seed + their index) with their own guidance (else
+    cfg.guidance), so their images do not depend on the batch size or on which rows are drawn
+    together; a chunk holds consecutive rows of one guidance."""
     rank, size = share or ranks()
     chunks = _row_chunks if prompts and isinstance(prompts[0], PromptRow) else _prompt_chunks
     return list(chunks(pipe, prompts, cfg, progress, lambda i: i % size == rank))
