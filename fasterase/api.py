@@ -343,7 +343,8 @@ def compare(
         if any(e.metadata.concepts != concepts for e in loaded):
             raise UserError("the edits erase different concepts; say which to evaluate with --concept")
     if grid is not None:
-        grid = ensure_writable(Path(grid), [local_path(model), model_config, *edits, key])
+        judge_path = judge.partition(":")[2] if isinstance(judge, str) else None  # clip:DIR
+        grid = ensure_writable(Path(grid), [local_path(model), model_config, *edits, key, prompts, clip, judge_path or None])
     judge = evaluation_judge(judge, judge_options, model)
     plan = plan_for(judge, list(concepts), preserve, n, read_prompt_set(prompts) if prompts is not None else None)
     scorer = scorer_for(judge, None if clip is None else str(clip))

@@ -141,6 +141,8 @@ def _cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
+    if args.candidates:
+        api.ensure_writable(Path(grid), [args.candidates])  # the API sees the labels, not their file
     bar = None
 
     def progress(images: int) -> None:

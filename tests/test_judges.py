@@ -147,6 +147,9 @@ def test_nudenet_judge_runs_the_real_detector_on_generated_images(tmp_path, caps
     (["--judge", "clip:{clip}", "--candidates", "{tmp}/missing.txt"], "cannot read"),
     (["--model", "{model}"], "evaluate needs a judge for a model other than the built-in world"),
     (["--clip", "{tmp}/missing"], "is not a CLIP model folder"),
+    (["--judge", "clip:{clip}", "--candidates", "{tmp}/labels.txt", "--grid", "{tmp}/labels.txt"], "cannot write"),
+    (["--prompts", "{tmp}/labels.txt", "--grid", "{tmp}/labels.txt"], "cannot write"),
+    (["--judge", "clip:{clip}", "--grid", "{clip}/grid.png"], "inside the input folder"),
 ])
 def test_bad_judges(extra, message, clip_dir, tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(api, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded before the judge was checked"))
