@@ -116,6 +116,9 @@ def erase(
     cfg = erase_config(method, concepts, config=config, preset=preset, **options)
     check_paths(model=model, model_config=model_config, out=out)
     check_callables(progress=progress, notify=notify)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would train alone and write its own edit and key over the others'
+        raise UserError("erase runs in one process; under torchrun, evaluate and generate share their work")
     method_class = get_method(method)
     device = default_device()
     if cfg.dtype != "float32" and device.type != "cuda":

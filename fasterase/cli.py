@@ -386,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands whose work torchrun's processes share (`fasterase.distributed`)
+SHARED_COMMANDS = ("evaluate", "generate")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -393,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     # Under torchrun every process runs the command and rank 0 alone reports.
     reporting = os.environ.get("RANK", "0") == "0"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in SHARED_COMMANDS:
+        if reporting:
+            print(f"fasterase: error: {args.command} runs in one process; under torchrun, {' and '.join(SHARED_COMMANDS)} share their work", file=sys.stderr)
+        return 2
     if not reporting:
         sys.stdout = open(os.devnull, "w")
     # SIGTERM unwinds like SIGINT, so that what is half-written (temporary files) is removed.

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hand_made_edits import hand_made_edit
+
+import fasterase
+from fasterase.errors import UserError
 
 # one thread per process in both runs: thread counts change float sums in the last bit
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -34,3 +38,14 @@ def test_evaluate_and_generate_on_two_processes_match_one(tmp_path):
     assert results[2] == results[1]
     for name in ("eval", "grid"):
         assert (tmp_path / f"{name}2.png").read_bytes() == (tmp_path / f"{name}1.png").read_bytes()
+
+
+def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeypatch):
+    """Every process would train alone and write its own edit over the others' (and a key that
+    belongs to another process's edit)."""
+    done = run(["erase", "--method", "uce", "--concept", "circle", "--out", str(tmp_path / "e.safetensors")], 2)
+    assert done.returncode != 0 and "erase runs in one process; under torchrun, evaluate and generate share their work" in done.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="erase runs in one process"):
+        fasterase.erase("uce", ["circle"], out=tmp_path / "e.safetensors")
+    assert not list(tmp_path.iterdir())
