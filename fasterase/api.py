@@ -28,7 +28,7 @@ from .evaluation.quality import NO_CLIP, clip_scores, scorer_for
 from .evaluation.report import Share, concept_prompts, first_images, plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
-from .methods import Progress, erase_config, get_method
+from .methods import CONFIGS, Progress, erase_config, get_method
 from .models.fingerprint import Fingerprints, fingerprints
 from .models.family import family_of
 from .models.loading import BUILTIN, DTYPES, load_pipeline, local_path, model_name, model_path, stored_dtype
@@ -116,10 +116,11 @@ def erase(
     cfg = erase_config(method, concepts, config=config, preset=preset, **options)
     check_paths(model=model, model_config=model_config, out=out)
     check_callables(progress=progress, notify=notify)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # every process would train alone and write its own edit and key over the others'
-        raise UserError("erase runs in one process; under torchrun, evaluate and generate share their work")
     method_class = get_method(method)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not method_class.shares_work:
+        # every process would train alone and write its own edit and key over the others'
+        sharing = [name for name in sorted(CONFIGS) if get_method(name).shares_work]
+        raise UserError(f"{method} does not share its work under torchrun (each process would write its own edit); methods that do: {', '.join(sharing)}")
     device = default_device()
     if cfg.dtype != "float32" and device.type != "cuda":
         notify(f"no GPU here: {cfg.dtype} runs in float32")
@@ -152,11 +153,14 @@ def erase(
         metadata.key = secrets.token_hex(8)
         key_file = (key_path_for(out), result.key, {**result.key_metadata, "concepts": list(cfg.concepts)})
     loras = []
+    writes = is_main()  # under torchrun, every process holds the same result and rank 0 writes it
     for concept, tensors in result.loras.items():
         loras.append(lora_path_for(out, concept))
         tensors = {name: value.to(edit_dtype) for name, value in tensors.items()}
-        save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprints": base})
-    save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key_file)
+        if writes:
+            save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprints": base})
+    if writes:
+        save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key_file)
     return EraseSummary(out, key_file[0] if key_file else None, seconds, _peak_memory(device), str(device), loras=loras)
 
 

@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def _progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    # under torchrun, rank 0 alone shows its progress
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0")
 
 
 def _parse_set(item: str) -> tuple[str, object]:
@@ -386,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# the commands whose work torchrun's processes share (`fasterase.distributed`)
-SHARED_COMMANDS = ("evaluate", "generate")
+# the commands whose work torchrun's processes share (`fasterase.distributed`); erase, for the
+# methods that share theirs (MACE), which it says itself
+SHARED_COMMANDS = ("evaluate", "generate", "erase")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     reporting = os.environ.get("RANK", "0") == "0"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in SHARED_COMMANDS:
         if reporting:
-            print(f"fasterase: error: {args.command} runs in one process; under torchrun, {' and '.join(SHARED_COMMANDS)} share their work", file=sys.stderr)
+            shared = ", ".join(SHARED_COMMANDS[:-1]) + " and " + SHARED_COMMANDS[-1]
+            print(f"fasterase: error: {args.command} runs in one process; under torchrun, {shared} share their work", file=sys.stderr)
         return 2
     if not reporting:
         sys.stdout = open(os.devnull, "w")

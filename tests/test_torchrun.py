@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hand_made_edits import hand_made_edit
 
 import fasterase
@@ -40,12 +41,30 @@ def test_evaluate_and_generate_on_two_processes_match_one(tmp_path):
         assert (tmp_path / f"{name}2.png").read_bytes() == (tmp_path / f"{name}1.png").read_bytes()
 
 
+def test_mace_on_two_processes_makes_the_one_process_edit(tmp_path):
+    """Concept k trains in process k mod 2 on the items one process would give it: the fused edit
+    is the one-process edit."""
+    from fasterase.edits import load_edit
+
+    erase = ["erase", "--method", "mace", "--concept", "circle", "--concept", "square", "--set", "steps=3", "--set", "image_count=2",
+             "--set", "sample_steps=2", "--set", "batch_size=1", "--set", "templates=['a photo of a {}']"]
+    for processes in (1, 2):
+        done = run([*erase, "--out", str(tmp_path / f"mace{processes}.safetensors")], processes)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (load_edit(tmp_path / f"mace{p}.safetensors").tensors for p in (1, 2))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
 def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeypatch):
-    """Every process would train alone and write its own edit over the others' (and a key that
+    """Every process would erase alone and write its own edit over the others' (and a key that
     belongs to another process's edit)."""
     done = run(["erase", "--method", "uce", "--concept", "circle", "--out", str(tmp_path / "e.safetensors")], 2)
-    assert done.returncode != 0 and "erase runs in one process; under torchrun, evaluate and generate share their work" in done.stderr
+    assert done.returncode != 0 and "uce does not share its work under torchrun (each process would write its own edit); methods that do: mace" in done.stderr
+    done = run(["cache", "build", "--prompts", str(tmp_path / "captions.txt"), "--out", str(tmp_path / "g.safetensors")], 2)
+    assert done.returncode != 0 and "cache runs in one process; under torchrun, evaluate, generate and erase share their work" in done.stderr
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="erase runs in one process"):
-        fasterase.erase("uce", ["circle"], out=tmp_path / "e.safetensors")
+    with pytest.raises(UserError, match="kpop does not share its work under torchrun"):
+        fasterase.erase("kpop", ["circle"], out=tmp_path / "e.safetensors")
     assert not list(tmp_path.iterdir())

@@ -36,6 +36,8 @@ Progress = Callable[[int, int, dict[str, float]], None]
 
 class Method:
     name: ClassVar[str]
+    # whether torchrun's processes share the erasure (`fasterase.distributed`); else it runs in one
+    shares_work: ClassVar[bool] = False
 
     def erase(self, pipe, cfg: MethodConfig, progress: Progress | None = None) -> ErasureResult:
         raise NotImplementedError

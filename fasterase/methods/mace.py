@@ -48,6 +48,7 @@ from torch import nn
 from ..attention import AttentionCapture, capture_processors
 from ..closed_form import RidgeGrams, edit_weights, gram, load_gram, mapping_matrix, prompt_gram
 from ..concept_images import ConceptImages, concept_images
+from ..distributed import all_gather, ranks
 from ..errors import UserError
 from ..lora import fuse_loras, lora_state_dict
 from ..models.family import Conditioning, denoise, encode, noise_scheduler
@@ -135,6 +136,7 @@ def concept_loras(unet, concepts: int, rank: int, seed: int = 0) -> Iterator[Con
 @register
 class MACE(Method):
     name = "mace"
+    shares_work = True
 
     def erase(self, pipe, cfg: MACEConfig, progress: Progress | None = None) -> ErasureResult:
         unet, device = pipe.unet, pipe.device
@@ -195,12 +197,17 @@ class MACE(Method):
         scheduler = noise_scheduler(pipe)
         timesteps = functools.partial(focal_timesteps, scheduler.config.num_train_timesteps, focal=cfg.importance_sampling)
         items = images.draw_items(count, templates, cfg.steps, cfg.batch_size, timesteps, generator)
-        image, prompt, timestep, noise = items.image, items.prompt, items.timestep, items.noise
+        # Under torchrun, concept k trains in process k mod N on the items one process would give
+        # it, from the same initial LoRA: the concepts are independent until the fusion.
+        rank, size = ranks()
+        own = [k for k in range(count) if k % size == rank]
+        kept = items.concept.cpu().remainder(size) == rank
+        image, prompt, timestep, noise = (t[:, kept.to(t.device)] for t in (items.image, items.prompt, items.timestep, items.noise))
 
         capture = AttentionCapture(columns[:0])
         mixed_precision = autocast(device, cfg.dtype)
         with concept_loras(unet, count, cfg.rank, cfg.seed) as loras, capture_processors(unet, capture, cfg.op_backend("cross_attention")):
-            loras.route(items.concept)  # the same items' concepts every step
+            loras.route(items.concept[kept.to(items.concept.device)])  # the same items' concepts every step
             params = loras.parameters()
             optimization = Optimization(params.values(), device, cfg.dtype, torch.optim.AdamW, lr=cfg.lr)
 
@@ -212,10 +219,13 @@ class MACE(Method):
                 with mixed_precision:
                     denoise(unet, x, timestep[i], context[prompt[i]])
                 # The sum of the concepts' means: each LoRA gets the gradient of its own loss alone.
-                loss = capture.watched_sq().view(count, cfg.batch_size).mean(1).sum()
+                loss = capture.watched_sq().view(len(own), cfg.batch_size).mean(1).sum()
                 optimization.step(loss)
-                return {"attention": loss.detach() / count}
+                return {"attention": loss.detach() / len(own)}
 
-            with trainable(params):
-                run_steps(step, cfg.steps, cfg.log_every, progress)
-            return [loras.factors(k) for k in range(count)]
+            if own:  # more processes than concepts leave some without any
+                with trainable(params):
+                    run_steps(step, cfg.steps, cfg.log_every, progress)
+            trained = {k: {name: (up.cpu(), down.cpu()) for name, (up, down) in loras.factors(k).items()} for k in own}
+        everyone = {k: factors for part in all_gather(trained) for k, factors in part.items()}
+        return [{name: (up.to(device), down.to(device)) for name, (up, down) in everyone[k].items()} for k in range(count)]
