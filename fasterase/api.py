@@ -24,7 +24,7 @@ from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png
 from .evaluation.judges import load_judge
 from .evaluation.prompts import read_prompt_set
-from .evaluation.quality import NO_CLIP, clip_scores, scorer_for
+from .evaluation.quality import NO_CLIP, clip_scores, drift, image_features, scorer_for
 from .evaluation.report import Share, concept_prompts, first_images, plan_for, recognition, report, sample_concepts
 from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
@@ -364,14 +364,22 @@ def compare(
     original = recognition(judge, original_images)
     roles, prompts_of = {"erased": plan.erased, "preserved": plan.preserved}, concept_prompts(judge, plan)
     original_quality = clip_scores(scorer, roles, prompts_of, original_images) if scorer is not None else None
+    kept = plan.preserved if scorer is not None else []
+    original_features = image_features(scorer, {c: original_images[c] for c in kept}) if kept else None
     results, rows = [], []
     for path, e in zip(edits, loaded):
         edited_pipe = load_pipeline(model, device=default_device(), model_config=model_config) if results else pipe
         apply_edit(edited_pipe, e, base)
         with key_block(edited_pipe, matching_key):
             edited_images = sample_concepts(edited_pipe, judge, plan, sampling, progress)
-        edited_quality = clip_scores(scorer, roles, prompts_of, edited_images) if scorer is not None else None
-        quality = {"clip_score": {"original": original_quality, "edited": edited_quality} if scorer is not None else NO_CLIP}
+        if scorer is not None:
+            edited_features = image_features(scorer, {c: edited_images[c] for c in kept}) if kept else None
+            quality = {
+                "clip_score": {"original": original_quality, "edited": clip_scores(scorer, roles, prompts_of, edited_images)},
+                "preserved_drift": drift(original_features, edited_features),
+            }
+        else:
+            quality = {"clip_score": NO_CLIP, "preserved_drift": NO_CLIP}
         results.append({**report(plan, original, recognition(judge, edited_images)), "quality": quality, "edit": str(path), "method": e.metadata.method})
         rows.append((e.metadata.method, edited_images))
     if grid is not None:

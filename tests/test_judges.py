@@ -68,9 +68,11 @@ def test_clip_judge_end_to_end_on_a_tiny_pipeline(clip_dir, family_pipeline_dirs
     assert (tmp_path / "grid.png").is_file()
     kept = result["quality"]["clip_score"]
     assert set(kept) == {"original", "edited"} and all(0 <= kept[w][role] <= 100 for w in kept for role in ("erased", "preserved"))
+    moved = result["quality"]["preserved_drift"]
+    assert moved["fid_clip"] >= -1e-9 and set(moved) == {"fid_clip", "kid_clip"}
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0] == "|  | ESR-1 | ESR-5 | PSR-1 | PSR-5 |" and "CLIP score: erased " in table
+    assert table.splitlines()[0] == "|  | ESR-1 | ESR-5 | PSR-1 | PSR-5 |" and "CLIP score: erased " in table and "FID " in table
 
 
 def test_clip_score_is_torchmetrics_definition(clip_dir):
@@ -85,7 +87,29 @@ def test_clip_score_is_torchmetrics_definition(clip_dir):
 def test_quality_without_a_clip_model_says_why(tmp_path):
     edit = hand_made_edit(None, tmp_path / "edit.safetensors")
     result = api.evaluate(edit, n=2, sampling=FAST, preserve=["square"])
-    assert result["quality"]["clip_score"] == {"unavailable": "no CLIP model: give one with --clip DIR (or judge with --judge clip:DIR)"}
+    why = {"unavailable": "no CLIP model: give one with --clip DIR (or judge with --judge clip:DIR)"}
+    assert result["quality"] == {"clip_score": why, "preserved_drift": why}
+
+
+def test_frechet_and_kernel_distances():
+    from fasterase.evaluation.quality import drift, frechet_distance, kernel_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3)) @ np.diag([1.0, 2.0, 0.5])
+    assert abs(frechet_distance(a, a)) < 1e-9
+    # the same covariance, the mean shifted: FID is the squared shift
+    assert frechet_distance(a, a + [3.0, 0, 4.0]) == pytest.approx(25.0, rel=1e-9)
+    # independent Gaussians: FID = |mu|^2 + sum (sigma_a - sigma_b)^2 over the axes
+    b = rng.normal(size=(200_000, 2)) * [1.0, 3.0]
+    c = rng.normal(size=(200_000, 2)) * [2.0, 1.0]
+    assert frechet_distance(b, c) == pytest.approx(1.0 + 4.0, rel=0.02)
+    # KID, against the unbiased MMD^2 written out pair by pair
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(4, 3)) + 0.5
+    k = lambda u, v: (u @ v / 3 + 1) ** 3  # noqa: E731
+    within = lambda z: sum(k(z[i], z[j]) for i in range(len(z)) for j in range(len(z)) if i != j) / (len(z) * (len(z) - 1))  # noqa: E731
+    expected = within(x) + within(y) - 2 * sum(k(u, v) for u in x for v in y) / (len(x) * len(y))
+    assert kernel_distance(x, y) == pytest.approx(expected, rel=1e-12)
+    assert drift(a[:1], a[:1]) == {"unavailable": "fewer than 2 images of the preserved concepts"}
 
 
 def test_a_users_judge_wrapping_the_world_classifier_agrees_with_world(tmp_path, monkeypatch):

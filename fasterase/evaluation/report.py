@@ -185,6 +185,9 @@ def format_table(result: dict) -> str:
         notes.append("CLIP score: " + "; ".join(
             f"{role} {scores_kept['original'][role]:.1f} -> {scores_kept['edited'][role]:.1f}" for role in scores_kept["edited"]
         ))
+    moved = result.get("quality", {}).get("preserved_drift", {})
+    if "fid_clip" in moved:
+        notes.append(f"preserved images moved (CLIP features): FID {moved['fid_clip']:.4g}, KID {moved['kid_clip']:.3g}")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
