@@ -21,11 +21,11 @@ from .config import SamplingConfig, check_count, check_paths, strings
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
 from .distributed import is_main, ranks
 from .errors import UserError, shown
-from .evaluation.grid import grid_image, save_png
+from .evaluation.grid import grid_image, save_png, write_atomically
 from .evaluation.judges import load_judge
 from .evaluation.prompts import read_prompt_set
 from .evaluation.quality import NO_CLIP, clip_scores, drift, image_features, scorer_for
-from .evaluation.report import Share, concept_prompts, first_images, plan_for, recognition, report, sample_concepts
+from .evaluation.report import Share, concept_prompts, first_images, plan_for, recognition, report as make_report, sample_concepts
 from .evaluation.sampling import generate as sample_images
 from .lora import save_lora
 from .methods import CONFIGS, Progress, erase_config, get_method
@@ -298,18 +298,20 @@ def evaluate(
     judge_options: dict | None = None,
     prompts: str | Path | None = None,
     clip: str | Path | None = None,
+    report: str | Path | None = None,
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
     `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated.
     `judge` names the judge (`fasterase.evaluation.judges`; default: the built-in world's, on the
     built-in model) and `judge_options` its options; `prompts`, a prompt set file
     (`fasterase.evaluation.prompts`), replaces the judge's n prompts per concept. `clip`, a local
-    CLIP folder, scores quality (`fasterase.evaluation.quality`; by default the clip judge's)."""
+    CLIP folder, scores quality (`fasterase.evaluation.quality`; by default the clip judge's).
+    `grid` and `report` (the result as JSON) are written where given."""
     if not isinstance(edit, (str, os.PathLike)) or not str(edit):
         raise UserError(f"edit must be an edit file's path, not {shown(edit)}")
     return compare(
         [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress,
-        judge=judge, judge_options=judge_options, prompts=prompts, clip=clip,
+        judge=judge, judge_options=judge_options, prompts=prompts, clip=clip, report=report,
     )["edits"][0]
 
 
@@ -329,17 +331,18 @@ def compare(
     judge_options: dict | None = None,
     prompts: str | Path | None = None,
     clip: str | Path | None = None,
+    report: str | Path | None = None,
 ) -> dict:
     """Several edits of one base model (e.g. one per method) evaluated on the same concepts,
     prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
     edit, each with its "edit" path and "method"}. Without `concepts`, the edits' own (they must
-    agree)."""
+    agree). `report` gets the result as JSON (a single edit's result alone)."""
     if not isinstance(edits, (list, tuple)) or not all(isinstance(e, (str, os.PathLike)) and str(e) for e in edits):
         raise UserError(f"edits must be a list of edit files, not {shown(edits)}")
     concepts = strings("concepts", concepts, optional=True)
     preserve = strings("preserve", preserve, optional=True)
     check_count("n", n)
-    check_paths(model=model, model_config=model_config, key=key, grid=grid, prompts=prompts, clip=clip)
+    check_paths(model=model, model_config=model_config, key=key, grid=grid, prompts=prompts, clip=clip, report=report)
     check_sampling(sampling)
     check_callables(progress=progress)
     loaded = [load_edit(e) for e in edits]
@@ -349,9 +352,11 @@ def compare(
         concepts = loaded[0].metadata.concepts
         if any(e.metadata.concepts != concepts for e in loaded):
             raise UserError("the edits erase different concepts; say which to evaluate with --concept")
-    if grid is not None:
-        judge_path = judge.partition(":")[2] if isinstance(judge, str) else None  # clip:DIR
-        grid = ensure_writable(Path(grid), [local_path(model), model_config, *edits, key, prompts, clip, judge_path or None])
+    judge_path = judge.partition(":")[2] if isinstance(judge, str) else None  # clip:DIR
+    inputs = [local_path(model), model_config, *edits, key, prompts, clip, judge_path or None]
+    outputs = [ensure_writable(Path(path), inputs) for path in (grid, report) if path is not None]
+    if len({os.path.abspath(path) for path in outputs}) < len(outputs):
+        raise UserError(f"the grid and the report would be the same file, {outputs[0]}")
     judge = evaluation_judge(judge, judge_options, model)
     plan = plan_for(judge, list(concepts), preserve, n, read_prompt_set(prompts) if prompts is not None else None)
     scorer = scorer_for(judge, None if clip is None else str(clip))
@@ -380,7 +385,7 @@ def compare(
             }
         else:
             quality = {"clip_score": NO_CLIP, "preserved_drift": NO_CLIP}
-        results.append({**report(plan, original, recognition(judge, edited_images)), "quality": quality, "edit": str(path), "method": e.metadata.method})
+        results.append({**make_report(plan, original, recognition(judge, edited_images)), "quality": quality, "edit": str(path), "method": e.metadata.method})
         rows.append((e.metadata.method, edited_images))
     if grid is not None:
         pictured = plan.erased + plan.lookalikes + plan.preserved[:3]
@@ -392,4 +397,11 @@ def compare(
             save_png(grid_image(grid_rows, [f"{c} ({' | '.join(name for name, _ in columns)})" for c in pictured]), grid)
         for result in results:
             result["grid"] = str(grid)
-    return {"original": results[0]["original"], "edits": results}
+    comparison = {"original": results[0]["original"], "edits": results}
+    if report is not None:
+        for result in results:
+            result["report"] = str(report)
+        if is_main():
+            text = json.dumps(results[0] if len(results) == 1 else comparison, indent=1) + "\n"
+            write_atomically(report, lambda f: f.write(text.encode()))
+    return comparison

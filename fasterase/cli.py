@@ -142,8 +142,10 @@ def _cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
     grid = args.grid or str(Path(args.edit[0]).with_suffix("")) + ".eval.png"
+    report = args.report or str(Path(grid).with_suffix(".json"))
     if args.candidates:
-        api.ensure_writable(Path(grid), [args.candidates])  # the API sees the labels, not their file
+        for path in (grid, report):
+            api.ensure_writable(Path(path), [args.candidates])  # the API sees the labels, not their file
     bar = None
 
     def progress(images: int) -> None:
@@ -158,6 +160,7 @@ def _cmd_evaluate(args) -> int:
         comparison = api.compare(
             args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
             sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts, clip=args.clip, progress=progress,
+            report=report,
         )
     finally:
         if bar is not None:
@@ -167,7 +170,7 @@ def _cmd_evaluate(args) -> int:
         print(json.dumps(comparison["edits"][0] if single else comparison))
     else:
         print(format_table(comparison["edits"][0]) if single else format_comparison(comparison))
-        print(f"grid: {grid}")
+        print(f"grid: {grid}\nreport: {report}")
     return 0
 
 
@@ -339,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="evaluate with a KPOP key in place")
     p.add_argument("--n", "--count", dest="n", type=int, default=32, help="images per concept")
     p.add_argument("--grid", help="before/after PNG (default: beside the edit)")
+    p.add_argument("--report", metavar="FILE", help="the report as JSON (default: beside the grid, FILE.json)")
     p.add_argument("--judge", help="what recognises the concepts: world (the built-in classifier; the default on the built-in model), clip:DIR (a local CLIP folder), nudenet, or module:Class of your own")
     p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the evaluated concepts, one a line (e.g. Imagenette's ten classes)")
     p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML), e.g. --judge-set threshold=0.5")

@@ -73,6 +73,7 @@ def test_clip_judge_end_to_end_on_a_tiny_pipeline(clip_dir, family_pipeline_dirs
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0] == "|  | ESR-1 | ESR-5 | PSR-1 | PSR-5 |" and "CLIP score: erased " in table and "FID " in table
+    assert json.loads((tmp_path / "grid.json").read_text()) == result, "the report, written beside the grid, is the --json output"
 
 
 def test_clip_score_is_torchmetrics_definition(clip_dir):

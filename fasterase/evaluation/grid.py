@@ -1,10 +1,11 @@
-"""Image grids, written atomically."""
+"""Image grids, and writing evaluation outputs (grids, reports) whole or not at all."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,7 +32,12 @@ def grid_image(rows: list[np.ndarray], labels: list[str] | None = None, scale: i
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Writes a PNG through a temporary file in the same folder, so no partial file is left."""
+    """Writes a PNG whole or not at all (`write_atomically`)."""
+    return write_atomically(path, lambda f: image.save(f, format="PNG"))
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Writes a file through a temporary file in the same folder, so no partial file is left."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
@@ -40,7 +46,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     try:
         try:
             with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG")
+                write(f)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
