@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError, printable
+from .errors import UserError, printable, reading_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,12 +120,8 @@ def _cmd_generate(args) -> int:
 
 def _read_lines(path: str, what: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file, stripped; a one-line UserError if there are none."""
-    try:
+    with reading_text(path):
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
     if not lines:
         raise UserError(f"{path} has no {what} (one a line)")
     return lines
@@ -222,12 +218,8 @@ def _cmd_cache_build(args) -> int:
         with open(prompts, encoding="utf-8") as lines:
             yield from (line.strip() for line in lines if line.strip())
 
-    try:
+    with reading_text(prompts):
         count = sum(1 for _ in captions())  # for the progress bar; the captions are read again below
-    except OSError as error:
-        raise UserError(f"cannot read {prompts}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{prompts} is not UTF-8 text") from None
     if not count:
         raise UserError(f"{prompts} has no captions (one per line)")
     start = time.time()

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError, shown
+from ..errors import UserError, reading_text, shown
 
 
 @dataclass(frozen=True)  # hashable: rows key the cache of a base model's evaluation images
@@ -39,12 +39,8 @@ def read_prompt_set(path: str | Path) -> list[PromptRow]:
     """The rows of a prompt set file (.csv with a header, or text); a one-line UserError for a
     file that cannot be read, a CSV without a prompt column, or a seed or guidance that is not a number."""
     path = Path(path)
-    try:
+    with reading_text(path):
         text = path.read_text(encoding="utf-8-sig")
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
     if path.suffix.lower() != ".csv":
         rows = [PromptRow(line.strip()) for line in text.splitlines() if line.strip()]
     else:
