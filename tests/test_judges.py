@@ -190,3 +190,14 @@ def test_bad_judges(extra, message, clip_dir, tiny_pipeline_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files
+
+
+@pytest.mark.parametrize("text, message", [("{bad", "as JSON"), ('{"image_mean": [0.5], "image_std": [1, 1, 1]}', "must be three numbers each")])
+def test_a_clip_folder_with_a_broken_preprocessor_config(clip_dir, tmp_path, text, message):
+    import shutil
+
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_dir, folder)
+    (folder / "preprocessor_config.json").write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_judge(f"clip:{folder}")

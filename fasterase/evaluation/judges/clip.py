@@ -13,7 +13,6 @@ mean and std without one). Nothing is downloaded and nothing is unpickled.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ class CLIPJudge:
         import torch
         from transformers import CLIPModel, CLIPTokenizer
 
+        from ...models.family import read_json
         from ...models.loading import quiet_loading
 
         quiet_loading()
@@ -60,15 +60,20 @@ class CLIPJudge:
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder} is not a CLIP model folder (no config.json)")
         try:
-            self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval()
+            # on this process's GPU where there is one (torchrun sets it), else the CPU
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval().to(self.device)
             self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as exc:  # transformers raises many types here; the user needs one line
             raise UserError(f"could not load the CLIP model in {folder}: {first_line(exc)}") from None
         preprocessor = folder / "preprocessor_config.json"
-        settings = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
+        settings = read_json(preprocessor) if preprocessor.is_file() else {}
+        mean, std = settings.get("image_mean", CLIP_MEAN), settings.get("image_std", CLIP_STD)
+        if not all(isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and x == x for x in v) for v in (mean, std)) or 0 in std:
+            raise UserError(f"{preprocessor}: image_mean and image_std must be three numbers each (std not 0)")
         self.size = int(self.model.config.vision_config.image_size)
-        self.mean = torch.tensor(settings.get("image_mean", CLIP_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(settings.get("image_std", CLIP_STD), dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._label_embeddings: dict[str, "torch.Tensor"] = {}
 
     def check(self, concept: str) -> None:
@@ -102,11 +107,11 @@ class CLIPJudge:
 
         out = []
         for start in range(0, len(images), self.cfg.batch_size):
-            pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + self.cfg.batch_size])).permute(0, 3, 1, 2).float()
+            pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + self.cfg.batch_size])).permute(0, 3, 1, 2).float().to(self.device)
             pixels = torch.nn.functional.interpolate(pixels, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
             pixels = (pixels.clamp(0, 1) - self.mean) / self.std
             pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-            out.append(torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1))
+            out.append(torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1).cpu())
         return torch.cat(out)
 
     def text_embeddings(self, texts: list[str]) -> "torch.Tensor":
@@ -114,8 +119,8 @@ class CLIPJudge:
         import torch
 
         ids = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        pooled = self.model.text_model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).pooler_output
-        return torch.nn.functional.normalize(self.model.text_projection(pooled), dim=-1)
+        pooled = self.model.text_model(input_ids=ids.input_ids.to(self.device), attention_mask=ids.attention_mask.to(self.device)).pooler_output
+        return torch.nn.functional.normalize(self.model.text_projection(pooled), dim=-1).cpu()
 
     def _label_embedding(self, name: str) -> "torch.Tensor":
         import torch
