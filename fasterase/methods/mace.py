@@ -23,7 +23,9 @@ values of the UNet.
    same step: their LoRAs are the slices of one peft LoRA of rank r x concepts, and each batch item
    sees only its own concept's slice (a fixed 0/1 mask on the rank dimension, applied before the
    up projection), so a step is one forward and backward of fixed shape over every concept's
-   items, and each concept's factors receive only its own items' gradients.
+   items, and each concept's factors receive only its own items' gradients. Under torchrun,
+   concept k trains in process k mod N, on the items and from the initial LoRA one process would
+   give it: the concepts are independent until the fusion, which every process then runs.
 3. Fusion. The LoRAs are merged into one set of to_k/to_v weights by the same ridge solve: each
    concept's positions (as in stage 1) are sent where the refined weights plus that concept's LoRA
    send them, with the same preservation terms, including the positions before the concept
