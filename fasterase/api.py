@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .attention import backend_processors
-from .config import SamplingConfig, check_count, check_paths, strings
+from .config import SamplingConfig, check_callables, check_count, check_paths, check_sampling, strings
 from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
-from .distributed import is_main, ranks
+from .distributed import is_main, processes, ranks
 from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png, write_atomically
 from .evaluation.judges import load_judge
@@ -117,7 +117,7 @@ def erase(
     check_paths(model=model, model_config=model_config, out=out)
     check_callables(progress=progress, notify=notify)
     method_class = get_method(method)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not method_class.shares_work:
+    if processes() > 1 and not method_class.shares_work:
         # every process would train alone and write its own edit and key over the others'
         sharing = [name for name in sorted(CONFIGS) if get_method(name).shares_work]
         raise UserError(f"{method} does not share its work under torchrun (each process would write its own edit); methods that do: {', '.join(sharing)}")
@@ -162,18 +162,6 @@ def erase(
     if writes:
         save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key_file)
     return EraseSummary(out, key_file[0] if key_file else None, seconds, _peak_memory(device), str(device), loras=loras)
-
-
-def check_callables(**arguments) -> None:
-    """A one-line UserError naming the first argument that is neither None nor callable (a progress or notify hook)."""
-    for name, value in arguments.items():
-        if value is not None and not callable(value):
-            raise UserError(f"{name} must be a function, not {shown(value)}")
-
-
-def check_sampling(sampling) -> None:
-    if not isinstance(sampling, SamplingConfig):
-        raise UserError(f"sampling must be a SamplingConfig, not {shown(sampling)}")
 
 
 def check_finite(result) -> None:

@@ -26,11 +26,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _reports() -> bool:
+    """Whether this process prints: under torchrun every process runs the command and rank 0
+    alone reports (read from the environment: no torch import before the input is checked)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
-    # under torchrun, rank 0 alone shows its progress
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0")
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, disable=not _reports())
 
 
 def _parse_set(item: str) -> tuple[str, object]:
@@ -149,7 +154,7 @@ def _cmd_evaluate(args) -> int:
         # the bar starts with the first image, so that bad input still gets one line
         nonlocal bar
         if bar is None:
-            bar = tqdm(desc="evaluate", unit="img", file=sys.stderr, dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0")
+            bar = tqdm(desc="evaluate", unit="img", file=sys.stderr, dynamic_ncols=True, disable=not _reports())
         bar.update(images)
 
     try:
@@ -393,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
         return exc.code if isinstance(exc.code, int) else 2
-    # Under torchrun every process runs the command and rank 0 alone reports.
-    reporting = os.environ.get("RANK", "0") == "0"
+    reporting = _reports()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in SHARED_COMMANDS:
         if reporting:
             shared = ", ".join(SHARED_COMMANDS[:-1]) + " and " + SHARED_COMMANDS[-1]

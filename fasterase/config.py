@@ -158,6 +158,19 @@ def check_paths(**arguments) -> None:
             raise UserError(f"{name} must be a path, not {shown(value)}")
 
 
+def check_callables(**arguments) -> None:
+    """A one-line UserError naming the first argument that is neither None nor callable (a progress or notify hook)."""
+    for name, value in arguments.items():
+        if value is not None and not callable(value):
+            raise UserError(f"{name} must be a function, not {shown(value)}")
+
+
+def check_sampling(sampling) -> None:
+    """A one-line UserError unless `sampling` is a SamplingConfig."""
+    if not isinstance(sampling, SamplingConfig):
+        raise UserError(f"sampling must be a SamplingConfig, not {shown(sampling)}")
+
+
 def check_count(name: str, value) -> None:
     """A UserError unless `value` is an int of at least 1 (a number of images)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

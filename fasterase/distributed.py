@@ -13,11 +13,15 @@ import os
 import torch
 
 
+def processes() -> int:
+    """The number of processes torchrun started (1 outside it), without joining their group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def ranks() -> tuple[int, int]:
     """(this process's rank, the number of processes): (0, 1) outside torchrun. Joins the process
     group (and, on GPUs, takes the process's GPU) on first use."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if processes() == 1:
         return 0, 1
     import torch.distributed as dist
 
