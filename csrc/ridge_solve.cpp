@@ -20,7 +20,7 @@ at::Tensor ridge_solve_cuda(const at::Tensor& rhs, at::TensorList grams, double 
   TORCH_CHECK(rhs.dim() == 2, "fasterase::ridge_solve: rhs must be (rows, d), not of shape ", rhs.sizes());
   TORCH_CHECK(rhs.is_cuda(), "fasterase::ridge_solve: this kernel takes CUDA tensors, rhs is on ", rhs.device());
   TORCH_CHECK(at::isFloatingType(rhs.scalar_type()), "fasterase::ridge_solve: rhs must be floating point, not ", rhs.scalar_type());
-  TORCH_CHECK(lam > 0, "fasterase::ridge_solve: lambda must be positive, not ", lam);
+  TORCH_CHECK(lam >= 0, "fasterase::ridge_solve: lambda must be at least 0, not ", lam);
   const int64_t d = rhs.size(1);
   const c10::DeviceGuard guard(rhs.device());
 

@@ -30,22 +30,37 @@ def _ridge_solve_fake(rhs: torch.Tensor, grams: list[torch.Tensor], lam: float) 
     return rhs.new_empty(rhs.shape, dtype=torch.float64)
 
 
-def _not_positive_definite(lam: float) -> str:
-    return f"the ridge system is not positive definite even in float64; raise lambda (now {lam})"
+class NotPositiveDefinite(Exception):
+    """The system's Cholesky factorisation failed: `ridge_solve` says why and which lambda would do."""
+
+
+def _unsolvable(grams: list[torch.Tensor], lam: float) -> str:
+    """Why lam I + sum(grams) cannot be factored, and a lambda that makes it solvable: the Grams
+    span too few directions (fewer independent tokens than dimensions) or are not semi-definite."""
+    eigenvalues = torch.linalg.eigvalsh(sum(g.to(torch.float64) for g in grams).cpu())
+    top, dim = float(eigenvalues[-1]), eigenvalues.numel()
+    # Directions below 1e-12 of the largest are lost to float64 round-off in the factorisation.
+    spanned = int((eigenvalues > 1e-12 * max(top, 0.0)).sum())
+    enough = max(1e-6 * top, 0.0) - min(float(eigenvalues[0]), 0.0)
+    return (
+        f"the ridge system is not positive definite with lambda {lam}: its tokens span {spanned} of {dim} directions; "
+        f"lambda {enough:.1g} or more makes it solvable" if enough > 0 else f"the ridge system is not positive definite with lambda {lam}; raise lambda"
+    )
 
 
 def ridge_solve_reference(rhs: torch.Tensor, grams: list[torch.Tensor], lam: float) -> torch.Tensor:
     """X (R, d) float64, contiguous, with X (lam I + sum(grams)) = rhs; rhs (R, d), grams (d, d).
 
     Float64 throughout: text embeddings share a few dominant directions, so the system is often
-    ill-conditioned, and there a float32 Cholesky fails or loses most of its digits.
+    ill-conditioned, and there a float32 Cholesky fails or loses most of its digits. Raises
+    NotPositiveDefinite where the factorisation fails.
     """
     system = lam * torch.eye(rhs.shape[1], dtype=torch.float64, device=rhs.device)
     for gram in grams:
         system = system + gram.to(torch.float64)
     factor, info = torch.linalg.cholesky_ex(system)  # reads the lower triangle
     if info.item():
-        raise UserError(_not_positive_definite(lam))
+        raise NotPositiveDefinite
     # X S = B with S symmetric is S X^T = B^T: every stacked row is one column of a single solve.
     return torch.cholesky_solve(rhs.to(torch.float64).T, factor).T.contiguous()
 
@@ -60,12 +75,12 @@ if not hasattr(torch.ops.fasterase, "ridge_solve"):
 
 
 def ridge_solve_cuda(rhs: torch.Tensor, grams: list[torch.Tensor], lam: float) -> torch.Tensor:
-    """The C++ op on CUDA tensors; its not-positive-definite failure becomes the reference's UserError."""
+    """The C++ op on CUDA tensors; its not-positive-definite failure becomes the reference's."""
     try:
         return torch.ops.fasterase.ridge_solve(rhs, grams, lam)
     except RuntimeError as error:
         if "not positive definite" in str(error):
-            raise UserError(_not_positive_definite(lam)) from None
+            raise NotPositiveDefinite from None
         raise
 
 
@@ -73,8 +88,9 @@ def ridge_solve(rhs: torch.Tensor, grams: Sequence[torch.Tensor], lam: float, *,
     """X with X (lam I + sum(grams)) = rhs: the ridge solve of every stacked right-hand-side row.
 
     rhs: (R, d), any floating dtype; grams: (d, d) symmetric positive semi-definite pieces of the
-    system (float64 keeps their digits), on rhs's device; lam > 0. Returns X (R, d) float64 on
-    rhs's device. UserError when the system is not positive definite even in float64.
+    system (float64 keeps their digits), on rhs's device; lam >= 0 (0 where the Grams alone are
+    positive definite). Returns X (R, d) float64 on rhs's device. UserError when the system is not
+    positive definite even in float64, saying which lambda would do.
     """
     if rhs.dim() != 2 or not rhs.is_floating_point():
         raise ValueError(f"ridge_solve: rhs must be a floating (rows, d) matrix, not {rhs.dtype} of shape {tuple(rhs.shape)}")
@@ -82,9 +98,12 @@ def ridge_solve(rhs: torch.Tensor, grams: Sequence[torch.Tensor], lam: float, *,
     for i, gram in enumerate(grams):
         if gram.shape != (d, d) or gram.device != rhs.device:
             raise ValueError(f"ridge_solve: gram {i} is {tuple(gram.shape)} on {gram.device}; each must be ({d}, {d}) on {rhs.device}, like rhs's columns")
-    if not lam > 0:
-        raise ValueError(f"ridge_solve: lambda must be positive, not {lam}")
+    if not lam >= 0:
+        raise ValueError(f"ridge_solve: lambda must be at least 0, not {lam}")
     # dispatch imports this module's implementations
     from .dispatch import implementation
 
-    return implementation("ridge_solve", backend, rhs)(rhs, grams, float(lam))
+    try:
+        return implementation("ridge_solve", backend, rhs)(rhs, grams, float(lam))
+    except NotPositiveDefinite:
+        raise UserError(_unsolvable(grams, lam)) from None

@@ -224,7 +224,7 @@ def test_a_run_wide_backend_runs_the_reference_for_ops_not_written_in_it():
 @cuda_only
 def test_cuda_solve_refuses_a_system_that_is_not_positive_definite():
     rhs = torch.randn(3, 16, device="cuda")
-    with pytest.raises(UserError, match="raise lambda"):
+    with pytest.raises(UserError, match="not positive definite with lambda 0.001"):
         ridge_solve(rhs, [-torch.eye(16, dtype=F64, device="cuda")], 1e-3, backend="cuda")
 
 
@@ -253,13 +253,18 @@ def test_mapping_fit_and_solve_errors():
     loose, tight = (mapping_fit(grams, mapping_matrix(grams, lam)) for lam in (100.0, 1e-3))
     assert 0 < tight["erased_residual"] < loose["erased_residual"] < 1
     assert tight["preserved_change"] > loose["preserved_change"] > 0
-    with pytest.raises(ValueError, match="lambda must be positive"):
+    with pytest.raises(ValueError, match="lambda must be at least 0"):
+        ridge_solve(c, [grams.sources], -1.0)
+    # lambda 0: 4 edited tokens span 4 of 16 directions, and the message says which lambda would do
+    with pytest.raises(UserError, match=r"span 4 of 16 directions; lambda \S+ or more"):
         ridge_solve(c, [grams.sources], 0.0)
+    spanning = gram(torch.randn(40, 16, generator=g))
+    torch.testing.assert_close(ridge_solve(c, [spanning], 0.0) @ spanning, c.to(F64))
     with pytest.raises(ValueError, match=r"gram 1 is \(8, 8\)"):
         ridge_solve(c, [grams.sources, torch.eye(8, dtype=F64)], 0.5)
     with pytest.raises(ValueError, match="rows, d"):
         ridge_solve(c[0], [grams.sources], 0.5)
-    with pytest.raises(UserError, match="raise lambda"):
+    with pytest.raises(UserError, match="not positive definite with lambda 0.001"):
         ridge_solve(c, [-torch.eye(16, dtype=F64)], 1e-3)
 
 
