@@ -18,7 +18,7 @@ import torch
 
 from .attention import backend_processors
 from .config import SamplingConfig, check_callables, check_count, check_paths, check_sampling, strings
-from .edits import Edit, EditMetadata, apply_edit, check_edit, load_edit, load_key, save_edit
+from .edits import Edit, EditMetadata, apply_edit, bound_components, bound_fingerprints, check_edit, load_edit, load_key, save_edit
 from .distributed import is_main, processes, ranks
 from .errors import UserError, shown
 from .evaluation.grid import grid_image, save_png, write_atomically
@@ -135,6 +135,8 @@ def erase(
     for name in family_of(pipe).tokenizers:
         for concept in cfg.prompt_concepts():
             check_concept(getattr(pipe, name), concept)
+    # Of every component the method may change, before it changes them in place; the edit (and each
+    # LoRA) keeps those of the components it changed, the ones it binds to.
     base = fingerprints(pipe, family_of(pipe).components())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -146,7 +148,7 @@ def erase(
     seconds = time.time() - start
     check_finite(result)
     result.tensors = {name: value.to(edit_dtype) for name, value in result.tensors.items()}
-    metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprints=base, base_model=model_name(model))
+    metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprints=bound_fingerprints(base, result.tensors), base_model=model_name(model))
     key_file = None
     if result.key is not None:
         # the key is written with the edit, all or neither, and works with this edit alone
@@ -158,7 +160,7 @@ def erase(
         loras.append(lora_path_for(out, concept))
         tensors = {name: value.to(edit_dtype) for name, value in tensors.items()}
         if writes:
-            save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprints": base})
+            save_lora(loras[-1], tensors, {"method": method, "concept": concept, "base_fingerprints": bound_fingerprints(base, tensors)})
     if writes:
         save_edit(out, Edit(tensors=result.tensors, metadata=metadata), key_file)
     return EraseSummary(out, key_file[0] if key_file else None, seconds, _peak_memory(device), str(device), loras=loras)
@@ -182,7 +184,7 @@ def load_edited(model=None, edit: str | Path | None = None, device: torch.device
     pipe = load_pipeline(model, device=device or default_device(), model_config=model_config)
     if edit is not None:
         loaded = load_edit(edit)
-        apply_edit(pipe, loaded, fingerprints(pipe, family_of(pipe).components()))
+        apply_edit(pipe, loaded, fingerprints(pipe, bound_components(pipe, loaded)))
     return pipe
 
 
@@ -232,7 +234,7 @@ def generate(
     matching_key = load_matching_key(key, loaded)
     pipe = load_pipeline(model, device=default_device(), model_config=model_config)
     for e in loaded:
-        apply_edit(pipe, e, fingerprints(pipe, family_of(pipe).components()))
+        apply_edit(pipe, e, fingerprints(pipe, bound_components(pipe, e)))
     with key_block(pipe, matching_key):
         images = sample_images(pipe, [p for p in prompts for _ in range(n)], sampling)
     if is_main():  # under torchrun, every process drew its share and has them all

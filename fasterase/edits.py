@@ -2,9 +2,11 @@
 
 An edit holds only the tensors an erasure changed, keyed "<component>.<name in that component's
 state_dict>" (e.g. "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"), and
-metadata saying how it was made and for which base model. KPOP's key, the learned prompt that
-recovers the erased concepts, is a file of its own with its own format tag, so that an edit can be
-released without it.
+metadata saying how it was made and for which base model: the fingerprints of the components it
+changes (the text encoders, the UNet, or both), so that it applies to any model with the same
+weights in those and to no other. KPOP's key, the learned prompt that recovers the erased concepts,
+is a file of its own with its own format tag, bound to its edit, so that an edit can be released
+without it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Iterable
 
 import safetensors
 import safetensors.torch
@@ -29,7 +32,11 @@ from fasterase.models.fingerprint import Fingerprints, checked, difference, port
 
 EDIT_FORMAT = "fasterase-edit"
 KEY_FORMAT = "fasterase-key"
-# 2: fingerprints of every element, per component (version 1 sampled signs)
+# 2: fingerprints of every element, per component (version 1 sampled signs). Still 2 since edits
+# carry only the fingerprints of the components they change: the layout is the same and a reader
+# compares every fingerprint an edit carries (`bound_components`), so the version 2 edits written
+# before (UNet and text encoders, whatever they changed) apply to their base as they did, and
+# releases that read version 2 read the new edits right.
 FORMAT_VERSION = "2"
 _FORMAT_TAGS = ("format", "format_version")
 
@@ -49,8 +56,12 @@ class EditMetadata:
     method: str
     concepts: list[str]
     config: dict
-    # the fingerprints of the base model's components the method read (`models.fingerprint`): the
-    # edit applies to a model with the same weights in each of them
+    # the fingerprints of the base model's components the edit changes (`models.fingerprint`,
+    # `changed_components`): the edit applies to a model with the same weights in each of them,
+    # whatever its other components hold. A UNet edit computed from text embeddings (UCE, MACE)
+    # binds to the UNet alone too: the fingerprints guard the weights the edit is written among, and
+    # whether an erasure carries to another text encoder (or a text encoder's to another UNet) is
+    # for `evaluate` to measure.
     base_fingerprints: Fingerprints
     base_model: str
     version: str = field(default_factory=_library_version)
@@ -178,13 +189,26 @@ def load_edit(path: str | os.PathLike) -> Edit:
     return Edit(tensors, EditMetadata(**{name: values[name] for name in names}))
 
 
-def check_edit(pipe, edit: Edit, base: Fingerprints) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (model tensor, edit tensor) pairs that applying `edit` to `pipe` would copy.
+def changed_components(names: Iterable[str]) -> tuple[str, ...]:
+    """The components, sorted, of tensors named "<component>.<name>": those an edit's tensors or a
+    LoRA's factors ("unet.<module>.lora_A.weight") change, which it binds to."""
+    return tuple(sorted({name.partition(".")[0] for name in names}))
 
-    `base` is `fingerprints(pipe)` taken when the base model was loaded. UserError if the edit was
-    made for another base model, changes a component its fingerprints do not cover (the VAE),
-    names a tensor `pipe` lacks or shapes differently, gives integer or bool values for float
-    weights (or the reverse), or holds nan or inf.
+
+def bound_fingerprints(base: Fingerprints, names: Iterable[str]) -> Fingerprints:
+    """The fingerprints in `base` that an edit (or a LoRA) of the tensors `names` binds to: those of
+    the components it changes (`changed_components`)."""
+    return {component: base[component] for component in changed_components(names)}
+
+
+def bound_components(pipe, edit: Edit) -> tuple[str, ...]:
+    """The components of `pipe` whose fingerprints `check_edit` compares with the edit's: every one
+    the edit carries a fingerprint of. fasterase writes those of the components an edit changes;
+    edits written before carry the UNet's and the text encoders' too, and keep binding to them, so
+    that an edit released once never applies to more models than it did.
+
+    UserError if the edit carries the fingerprint of a component that no edit of `pipe` binds to
+    (the VAE, SDXL's second text encoder on SD1.x), or changes one it carries none of.
     """
     metadata = edit.metadata
     editable = family_of(pipe).components()
@@ -192,15 +216,34 @@ def check_edit(pipe, edit: Edit, base: Fingerprints) -> list[tuple[torch.Tensor,
         raise UserError(
             f"this edit was made for base model '{metadata.base_model}' and binds to its {foreign[0]}; edits of this model bind to its {' and '.join(editable)}"
         )
+    for key in edit.tensors:
+        component = key.partition(".")[0]
+        # a change the fingerprints cannot vouch for: the base it was made for is unknown
+        if component not in editable:
+            raise UserError(f"this edit changes '{key}': edits change only the {' and '.join(editable)}, on the base they were made for")
+        if component not in metadata.base_fingerprints:
+            raise UserError(f"this edit changes '{key}' but carries no fingerprint of the {component} it was made for")
+    return tuple(metadata.base_fingerprints)
+
+
+def check_edit(pipe, edit: Edit, base: Fingerprints) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (model tensor, edit tensor) pairs that applying `edit` to `pipe` would copy.
+
+    `base` holds the fingerprints of `pipe`'s `bound_components(pipe, edit)` (or more), taken when
+    the base model was loaded, before any edit was applied. UserError if the edit was made for
+    another base model (`bound_components`), names a tensor `pipe` lacks or shapes differently,
+    gives integer or bool values for float weights (or the reverse), or holds nan or inf.
+    """
+    metadata = edit.metadata
+    bound = bound_components(pipe, edit)
+    if untaken := [c for c in bound if c not in base]:
+        raise ValueError(f"no fingerprint of this model's {untaken[0]} was taken to check the edit against")
     if reason := difference(metadata.base_fingerprints, base):
         raise UserError(f"this edit was made for base model '{metadata.base_model}': {reason}")
     states: dict[str, dict[str, torch.Tensor]] = {}
     pairs = []
     for key, tensor in edit.tensors.items():
         component, _, name = key.partition(".")
-        if component not in editable or component not in metadata.base_fingerprints:
-            # a change the fingerprints cannot vouch for: the base it was made for is unknown
-            raise UserError(f"this edit changes '{key}': edits change only the {' and '.join(editable)}, on the base they were made for")
         if component not in states:
             states[component] = {portable_name(component, k): v for k, v in getattr(pipe, component).state_dict(keep_vars=True).items()}
         target = states[component].get(name)

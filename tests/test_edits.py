@@ -12,6 +12,8 @@ from fasterase.edits import (
     Edit,
     EditMetadata,
     apply_edit,
+    bound_components,
+    changed_components,
     check_edit,
     edit_from_modules,
     load_edit,
@@ -34,12 +36,14 @@ def tiny_pipe():
     return sd_pipe(nn.Linear(3, 2), nn.Linear(2, 2))
 
 
-def metadata_for(pipe) -> EditMetadata:
+def metadata_for(pipe, components=("unet", "text_encoder")) -> EditMetadata:
+    """Metadata binding an edit to `components` of `pipe`; by default to the UNet and the text
+    encoder, as every edit was bound before edits came to bind to what they change alone."""
     return EditMetadata(
         method="uce",
         concepts=["square", "van gogh"],
         config={"steps": 3, "preserve": ["circle"], "lr": 1e-5},
-        base_fingerprints=fingerprints(pipe, ("unet", "text_encoder")),
+        base_fingerprints=fingerprints(pipe, components),
         base_model="tiny",
     )
 
@@ -135,8 +139,8 @@ def test_apply_edit_refuses_another_base_model():
 
 
 def test_an_edit_binds_to_the_unet_and_text_encoders_only():
-    """Fingerprints of another component (a VAE, an SDXL encoder this model lacks) in an edit's
-    metadata are refused: nothing vouches for what the edit would need there."""
+    """Fingerprints of a component no edit of the model binds to (a VAE, an SDXL encoder this model
+    lacks) in an edit's metadata are refused: nothing vouches for what the edit would need there."""
     pipe = tiny_pipe()
     edit = Edit({"unet.weight": torch.zeros(2, 3)}, metadata_for(pipe))
     edit.metadata.base_fingerprints["vae"] = fingerprints(pipe)["vae"]
@@ -158,6 +162,32 @@ def test_apply_edit_copies_into_the_right_parameters():
     assert torch.equal(pipe.text_encoder.bias, new_bias.half())
 
 
+def test_changed_components_are_those_of_an_edits_tensors_or_a_loras_factors():
+    names = ["unet.down.attn2.to_k.weight", "text_encoder_2.encoder.layers.0.mlp.fc1.bias", "unet.mid.attn2.to_v.lora_A.weight"]
+    assert changed_components(names) == ("text_encoder_2", "unet")
+    assert changed_components([]) == ()
+
+
+def test_an_edit_binds_to_the_components_it_carries_fingerprints_of():
+    """An edit of the text encoder bound to it alone applies whatever the UNet; one bound to both
+    (as edits were before) refuses another UNet though it changes only the text encoder. The base
+    model's fingerprints need cover only what an edit binds to, and must cover all of it."""
+    pipe = tiny_pipe()
+    other_unet = tiny_pipe()
+    with torch.no_grad():
+        other_unet.unet.weight.mul_(1.5)
+    tensors = {"text_encoder.bias": torch.zeros(2)}
+    alone, both = Edit(tensors, metadata_for(pipe, ("text_encoder",))), Edit(tensors, metadata_for(pipe))
+    with pytest.raises(UserError, match="its unet differs from this model's$"):
+        check_edit(other_unet, both, fingerprints(other_unet, bound_components(other_unet, both)))
+    assert bound_components(other_unet, alone) == ("text_encoder",)
+    apply_edit(other_unet, alone, fingerprints(other_unet, ("text_encoder",)))
+    assert torch.equal(other_unet.text_encoder.bias, torch.zeros(2))
+    with pytest.raises(ValueError, match="no fingerprint of this model's unet was taken"):
+        check_edit(pipe, both, fingerprints(pipe, ("text_encoder",)))
+    assert fingerprints(pipe, ()) == {}
+
+
 @pytest.mark.parametrize(
     "tensors, message",
     [
@@ -165,12 +195,14 @@ def test_apply_edit_copies_into_the_right_parameters():
         ({"unet.bias": torch.zeros(2, 3)}, r"'unet.bias' has shape \(2, 3\), the model's \(2,\)"),
         # the VAE has a weight of that shape, but no fingerprint binds it to a base model
         ({"vae.weight": torch.zeros(1, 2)}, "^this edit changes 'vae.weight': edits change only the unet and text_encoder, on the base they were made for$"),
+        # an editable component, but the edit's fingerprints do not bind it
+        ({"text_encoder.bias": torch.zeros(2)}, "^this edit changes 'text_encoder.bias' but carries no fingerprint of the text_encoder it was made for$"),
     ],
 )
 def test_apply_edit_refuses_unknown_or_misshapen_tensors_and_changes_nothing(tensors, message):
     pipe = tiny_pipe()
     before = pipe.unet.weight.detach().clone()
-    edit = Edit({"unet.weight": torch.zeros(2, 3), **tensors}, metadata_for(pipe))
+    edit = Edit({"unet.weight": torch.zeros(2, 3), **tensors}, metadata_for(pipe, ("unet",)))
     with pytest.raises(UserError, match=message):
         apply_edit(pipe, edit, fingerprints(pipe))
     assert torch.equal(pipe.unet.weight, before)
@@ -252,22 +284,25 @@ def test_fingerprints_see_every_element(component):
 
 
 def test_builtin_model_with_a_scaled_attention_weight_refuses_its_edits():
-    """The issue's example: a copy of the base model with one attention weight scaled by 1.5."""
+    """The issue's example: a copy of the base model with one attention weight scaled by 1.5
+    refuses an edit of another weight of its UNet; a copy with another VAE or text encoder, which
+    the edit leaves alone, takes it."""
     from fasterase.models.loading import load_pipeline
 
     pipe = load_pipeline(None)
     base = fingerprints(pipe)
-    edit = Edit({"text_encoder.final_layer_norm.bias": torch.zeros(pipe.text_encoder.config.hidden_size)}, metadata_for(pipe))
+    attention = lambda model: model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2  # noqa: E731
+    edit = Edit({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight": torch.zeros_like(attention(pipe).to_v.weight)}, metadata_for(pipe, ("unet",)))
+    check_edit(pipe, edit, base)
     copy = load_pipeline(None)
     with torch.no_grad():
-        copy.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.mul_(1.5)
-    check_edit(pipe, edit, base)
+        attention(copy).to_k.weight.mul_(1.5)
     with pytest.raises(UserError, match="its unet differs from this model's"):
         check_edit(copy, edit, fingerprints(copy))
-    # the VAE is no part of an edit's base: a model with another VAE takes it
     with torch.no_grad():
-        copy = load_pipeline(None)
+        attention(copy).to_k.weight.copy_(attention(pipe).to_k.weight)
         next(copy.vae.parameters()).mul_(1.5)
+        next(copy.text_encoder.parameters()).mul_(1.5)
     check_edit(copy, edit, fingerprints(copy))
 
 

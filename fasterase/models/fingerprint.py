@@ -1,4 +1,5 @@
-"""Fingerprints of a base model's weights, so that an edit is applied only to the model it was made for.
+"""Fingerprints of a base model's weights, per component, so that an edit is applied only where the
+components it changes are those it was made for (`fasterase.edits`).
 
 A fingerprint sees every element of every tensor of a component: a weight changed anywhere, by any
 amount that survives rounding to half precision, changes it. It is the same whether the model was
@@ -16,7 +17,8 @@ on a bfloat16 load of a float32 model (the one pair with nothing in common). Int
 hashed as they are (a load casts only floats).
 
 Cost: one pass over the weights, a cast and a sha256 (about 2 GB/s on one core) per canonical
-dtype, in threads; about a second for SD1.x's UNet and text encoder loaded in float16.
+dtype, in threads; about a second for SD1.x's UNet and text encoder loaded in float16, most of it
+the UNet's: take only the components needed.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def fingerprints(pipe, components: tuple[str, ...] | None = None) -> Fingerprint
     """The fingerprints of `components` of `pipe` (by default every component a method or an
     evaluation reads: the UNet, the family's text encoders and the VAE), in every canonical dtype
     their loaded dtypes allow. Take them from the base model, before an edit is applied."""
-    names = components or (*family_of(pipe).components(), "vae")
+    names = (*family_of(pipe).components(), "vae") if components is None else components
     states = {
         component: {portable_name(component, key): t for key, t in getattr(pipe, component).state_dict().items()}
         for component in names
