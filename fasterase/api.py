@@ -125,7 +125,7 @@ def erase(
     if cfg.dtype != "float32" and device.type != "cuda":
         notify(f"no GPU here: {cfg.dtype} runs in float32")
         cfg.dtype = "float32"
-    inputs = [local_path(model), model_config, config, *(getattr(cfg, name, "") for name in ("images", "masks", "preserve_gram"))]
+    inputs = [local_path(model), model_config, config, *cfg.input_paths()]
     out = ensure_writable(Path(out) if out else Path(f"{method}-{_slug(cfg.concepts)}.safetensors"), inputs)
     ensure_writable(key_path_for(out), inputs)
     for concept in cfg.concepts if getattr(cfg, "save_loras", False) else []:

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", *BACKEND_NAMES), help="kernel backend (default auto: the fastest that runs here); ops not written in a forced backend run torch")
     p.add_argument("--seed", type=int)
     p.add_argument("--images", help="a folder of the concept's images (methods that learn from images; default: sampled from the model)")
-    p.add_argument("--masks", help="a folder of masks named like the images (white: the concept)")
+    p.add_argument("--masks", help="a folder of masks named like the images (white: the concept), attention (from the model's own cross-attention; MACE's default) or none")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="any method option (value read as YAML), e.g. --set lr=1e-5")
     p.add_argument("--out", help="the edit file to write (default: METHOD-CONCEPTS.safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

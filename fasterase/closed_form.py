@@ -209,3 +209,13 @@ def load_gram(path: str | os.PathLike, pipe) -> PreservationGram:
     if reason := difference(checked(values["text_encoder"], str(path)), text_encoder_fingerprints(pipe)):
         raise UserError(f"{path} was made with the text encoder of '{values['model']}': {reason}")
     return PreservationGram(gram_tensor.to(torch.float64), *counts, values["text_encoder"], values["model"])
+
+
+def weighted_grams(entries: list[tuple[str, float]], pipe) -> torch.Tensor | None:
+    """sum w G over the preservation Grams at the (path, weight) entries (each refused unless made
+    with `pipe`'s text encoder), float64 on pipe's device; None for no entries."""
+    total = None
+    for path, weight in entries:
+        term = weight * load_gram(path, pipe).gram.to(pipe.device)
+        total = term if total is None else total + term
+    return total

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UserError
 from .evaluation.sampling import SamplingConfig, generate_chunks
 from .models.family import image_size
+from .names import MASK_SOURCES
 
 
 @dataclass
@@ -86,15 +87,24 @@ def concept_images(
     templates: tuple[str, ...] | list[str] = ("{}",),
     sampling: SamplingConfig = SamplingConfig(),
 ) -> ConceptImages:
-    """The concepts' images as latents: read from `images` (and `masks`) when given, else `count`
-    images per concept drawn by the pipeline from its prompts (templates in turn), seeded by
-    `sampling.seed`."""
+    """The concepts' images as latents: read from `images` when given, else `count` images per
+    concept drawn by the pipeline from its prompts (templates in turn), seeded by `sampling.seed`.
+    `masks`: a folder of masks for the image folder, 'attention' for masks where the frozen
+    model's cross-attention on the concept's tokens is (`fasterase.attention_masks`), or '' or
+    'none' for none."""
+    folder = "" if masks in ("", *MASK_SOURCES) else masks
     if images:
-        return _from_folders(pipe, concepts, Path(images).expanduser(), Path(masks).expanduser() if masks else None)
-    prompts = [templates[i % len(templates)].format(concept) for concept in concepts for i in range(count)]
-    # Each chunk of drawn images is encoded before the next is drawn: only latents are kept.
-    latents = [encode_images(pipe, torch.from_numpy(pixels).permute(0, 3, 1, 2)) for pixels in generate_chunks(pipe, prompts, sampling)]
-    return ConceptImages(torch.cat(latents), torch.arange(len(concepts)).repeat_interleave(count).to(pipe.device))
+        found = _from_folders(pipe, concepts, Path(images).expanduser(), Path(folder).expanduser() if folder else None)
+    else:
+        prompts = [templates[i % len(templates)].format(concept) for concept in concepts for i in range(count)]
+        # Each chunk of drawn images is encoded before the next is drawn: only latents are kept.
+        latents = [encode_images(pipe, torch.from_numpy(pixels).permute(0, 3, 1, 2)) for pixels in generate_chunks(pipe, prompts, sampling)]
+        found = ConceptImages(torch.cat(latents), torch.arange(len(concepts)).repeat_interleave(count).to(pipe.device))
+    if masks == "attention":
+        from .attention_masks import attention_masks  # it imports this module
+
+        found.masks = attention_masks(pipe, found, [t.format(c) for c in concepts for t in templates], concepts, seed=sampling.seed)
+    return found
 
 
 @torch.no_grad()

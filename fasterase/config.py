@@ -118,6 +118,10 @@ class MethodConfig:
 
         return backend_for(op, self.backend)
 
+    def input_paths(self) -> list[str]:
+        """The files and folders this config reads (no output may be written over them)."""
+        return []
+
     def prompt_concepts(self) -> list[str]:
         """Every concept this config writes into a prompt; each is checked against the tokenizer
         before any work starts. Methods with anchor or guide concepts add theirs."""
@@ -175,6 +179,23 @@ def check_count(name: str, value) -> None:
     """A UserError unless `value` is an int of at least 1 (a number of images)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be a whole number of at least 1, not {shown(value)}")
+
+
+def weighted_paths(name: str, value: str) -> list[tuple[str, float]]:
+    """'a.safetensors:8e4,b.safetensors' as [("a.safetensors", 8e4), ("b.safetensors", 1.0)]: paths
+    separated by commas, each with an optional weight after its last colon (a finite number of at
+    least 0); a one-line UserError otherwise. '' is none."""
+    entries = []
+    for item in value.split(",") if value.strip() else []:
+        path, _, weight = item.strip().rpartition(":")
+        try:
+            entry = (path, float(weight)) if path else (item.strip(), 1.0)
+        except ValueError:  # a colon that is part of the path
+            entry = (item.strip(), 1.0)
+        if not entry[0] or not math.isfinite(entry[1]) or not 0 <= entry[1] <= FLOAT32_MAX:
+            raise UserError(f"{name} entries must be 'path' or 'path:weight' with a finite weight of at least 0, not {shown(item)}")
+        entries.append(entry)
+    return entries
 
 
 def per_concept(name: str, values: list[str], concepts: list[str]) -> list[str]:

@@ -92,14 +92,17 @@ def fuse_loras(
     preserved: torch.Tensor,
     lam: float,
     backend: str = "auto",
+    preserved_targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """MACE's closed-form fusion: W* = W + sum_k B_k (A_k G_k) R^-1 for every projection W,
     R = lambda I + sum_k G_k + preserved (see `fasterase.closed_form`).
 
     loras[k]: concept k's factors (scale folded in); concept_grams[k]: G_k, sum over concept k's
-    tokens of c c^T (d, d); preserved: the preservation Gram (d, d). The rows A_k G_k of every
-    concept and projection are solved together (`fasterase.kernels.ridge_solve`, in float64 on
-    preserved's device), then merged with the up factors. Results in each weight's dtype and device.
+    tokens of c c^T (d, d); preserved: the preservation Gram P (d, d), whose tokens keep W's
+    projections, or those of preserved_targets T (per weight; the reference's original weights):
+    then W* gains (T - W) P R^-1. The rows A_k G_k of every concept and projection, and P's, are
+    solved together (`fasterase.kernels.ridge_solve`, in float64 on preserved's device), then
+    merged with the up factors. Results in each weight's dtype and device.
     """
     if len(loras) != len(concept_grams):
         raise ValueError(f"{len(loras)} concepts' LoRAs but {len(concept_grams)} concept Grams")
@@ -107,13 +110,24 @@ def fuse_loras(
         raise ValueError(f"LoRAs for projections not given: {', '.join(sorted(unknown))}")
     device, f64 = preserved.device, torch.float64
     blocks = [(k, name, up, down) for k, lora in enumerate(loras) for name, (up, down) in lora.items()]
-    if not blocks:
+    if not blocks and preserved_targets is None:
         return {name: w.clone() for name, w in weights.items()}
     grams = [g.to(device, f64) for g in concept_grams]
     # every A_k G_k, (sum r, d) in the order of blocks: one product per concept over its projections' down factors
-    rows = torch.cat([torch.cat([down.to(device) for _, down in lora.values()]).to(f64) @ grams[k] for k, lora in enumerate(loras) if lora])
-    solved = ridge_solve(rows, [preserved.to(f64), *grams], lam, backend=backend).split([down.shape[0] for *_, down in blocks])
+    parts = [torch.cat([down.to(device) for _, down in lora.values()]).to(f64) @ grams[k] for k, lora in enumerate(loras) if lora]
+    sizes = [down.shape[0] for *_, down in blocks]
+    if preserved_targets is not None:
+        parts.append(preserved.to(f64))  # P R^-1: P is symmetric, so its rows are what is solved
+        sizes.append(preserved.shape[0])
+    solved = ridge_solve(torch.cat(parts), [preserved.to(f64), *grams], lam, backend=backend).split(sizes)
     fused: list[Factors] = [{} for _ in loras]
     for (k, name, up, _), part in zip(blocks, solved):
         fused[k][name] = (up, part)
-    return merge_loras(weights, fused)
+    merged = merge_loras(weights, fused)
+    if preserved_targets is None:
+        return merged
+    kept = solved[-1]
+    return {
+        name: (value.to(device, f64) + (preserved_targets[name].to(device, f64) - weights[name].to(device, f64)) @ kept).to(value.device, value.dtype)
+        for name, value in merged.items()
+    }

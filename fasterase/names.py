@@ -14,6 +14,8 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 BACKEND_NAMES = ("torch", "triton", "cuda")
 # the text-encoder components of any model family (`fasterase.models.family`)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# What an image method's `masks` names besides a folder (`fasterase.concept_images`)
+MASK_SOURCES = ("attention", "none")
 
 # Where a learned prompt goes, by the names diffusers gives the UNet's attention layers.
 INJECTION_SITES = {

@@ -22,8 +22,9 @@ GENERATE = ["generate", "--prompt", "a circle", "--out", "{tmp}/grid.png"]
 COMMANDS = [
     (ERASE + ["--set", "lam=inf"], "lam must be a finite number"),
     (ERASE + ["--set", "lam=.nan"], "lam must be a finite number"),
-    (ERASE + ["--set", "lam=-1"], "lam must be positive"),
-    (ERASE + ["--set", "lam=0"], "lam must be positive"),
+    (ERASE + ["--set", "lam=-1"], "lam must be at least 0"),
+    (ERASE + ["--set", "pairing=tail"], "pairing must be one of position, tails, last"),
+    (ERASE + ["--set", "preserve_gram=a.safetensors:-2"], "preserve_gram entries must be 'path' or 'path:weight'"),
     (ERASE + ["--set", "batch_size=0"], "batch_size must be at least 1"),
     (ERASE + ["--seed", "99999999999"], "seed must be at most"),
     (ERASE + ["--set", "sample_batch=-2"], "sample_batch must be at least 0"),
@@ -332,6 +333,28 @@ def test_binary_yaml(tmp_path, capsys):
     assert main(["erase", "--method", "uce", "--concept", "circle", "--config", str(config), "--out", str(tmp_path / "e.safetensors")]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read {path}: No such file or directory"),
+    (b"\n  \n", "anchor_prompts {path} has no captions (one a line)"),
+    (bytes(range(256)) * 4, "{path} is not UTF-8 text"),
+    (b"a photo of a square\n", "is an input"),
+])
+def test_unusable_anchor_prompts(tmp_path, capsys, monkeypatch, content, message):
+    """CA's caption file is read when the options are checked: one line, before any model loads,
+    and never written over."""
+    no_model(monkeypatch)
+    captions = tmp_path / "captions.txt"
+    if content is not None:
+        captions.write_bytes(content)
+    out = captions if message == "is an input" else tmp_path / "e.safetensors"
+    argv = ["erase", "--method", "ca", "--concept", "circle", "--set", "anchor=square", "--set", f"anchor_prompts={captions}", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(path=captions) in err and "\n" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ([] if content is None else ["captions.txt"])
+    assert content is None or captions.read_bytes() == content
 
 
 @pytest.fixture(scope="module")

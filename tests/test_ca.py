@@ -9,7 +9,7 @@ import torch
 from fasterase import api
 from fasterase.config import make_config
 from fasterase.errors import UserError
-from fasterase.methods.ca import CA  # importing registers the method
+from fasterase.methods.ca import CA, ablation_prompts  # importing registers the method
 from fasterase.methods.configs import CAConfig
 
 TINY = {"concepts": ["circle", "ring"], "steps": 2, "trajectories": 2, "sample_steps": 2, "batch_size": 2, "log_every": 1}
@@ -67,3 +67,65 @@ def test_sd14_preset_loads():
 
     cfg = make_config(CAConfig, preset("ca", "sd14"), {"concepts": ["circle"]})
     assert cfg.trainable == "cross_attention_kv" and cfg.steps == 100 and cfg.batch_size == 8
+
+
+CAPTIONS = "a red square on a dotted background\n\nthere is a star in the picture\nA drawing of a Square\n"
+
+
+def test_the_anchor_prompts_file_gives_the_prompts_the_method_trains_on(tmp_path, monkeypatch):
+    """Trajectories are sampled from the file's captions (blank lines and captions without the
+    anchor skipped), and each concept is trained on the same captions with it in the anchor's place."""
+    import fasterase.methods.ca as ca
+    from fasterase.models.loading import load_pipeline
+
+    captions = tmp_path / "squares.txt"
+    captions.write_text(CAPTIONS)
+    cfg = make_config(CAConfig, {**TINY, "trajectories": 3, "anchor": "square", "anchor_prompts": str(captions)})
+    sampled, encoded = [], []
+
+    def recording(function, prompts_seen):
+        def record(*args):
+            prompts_seen.append(args[-1])  # the prompts are the last argument of both
+            return function(*args)
+        return record
+
+    monkeypatch.setattr(ca, "sample_banks", recording(ca.sample_banks, sampled))
+    monkeypatch.setattr(ca, "encode", recording(ca.encode, encoded))
+    CA().erase(load_pipeline(), cfg)
+    anchor = ["a red square on a dotted background", "A drawing of a Square", "a red square on a dotted background"]
+    assert sampled == [anchor * 2]
+    assert encoded == [[c.replace("square", shape).replace("Square", shape) for shape in ("circle", "ring") for c in anchor]]
+
+
+def test_style_prompts_use_the_references_phrasings(tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text(CAPTIONS)
+    style = {"concepts": ["striped"], "concept_type": "style", "trajectories": 3}
+    anchor_prompts, concept_prompts = ablation_prompts(make_config(CAConfig, {**style, "anchor_prompts": str(captions)}))
+    assert anchor_prompts == ["a red square on a dotted background", "there is a star in the picture", "A drawing of a Square"]
+    assert concept_prompts == [
+        "a red square on a dotted background, in the style of striped",
+        "in striped's style, there is a star in the picture",
+        "in striped's style, A drawing of a Square",
+    ]
+    anchor_prompts, concept_prompts = ablation_prompts(make_config(CAConfig, {**style, "anchor": "shape"}))
+    assert anchor_prompts == ["shape", "a photo of a shape", "a picture of a shape"]
+    assert concept_prompts == ["shape, in the style of striped", "in striped's style, a photo of a shape", "in striped's style, a picture of a shape"]
+    assert ablation_prompts(make_config(CAConfig, style))[1][:2] == ["in the style of striped", "in striped's style"]
+
+
+def test_without_a_file_the_prompts_are_the_templates():
+    anchor_prompts, concept_prompts = ablation_prompts(make_config(CAConfig, {"concepts": ["circle"], "anchor": "shape", "trajectories": 2}))
+    assert anchor_prompts == ["shape", "a photo of a shape"] and concept_prompts == ["circle", "a photo of a circle"]
+
+
+@pytest.mark.parametrize("options, content, words", [
+    ({"anchor": "square"}, "there is a star\n", "no caption in anchor_prompts .* contains the anchor 'square'"),
+    ({}, CAPTIONS, "need the anchor"),
+    ({"anchor": "square", "concept_type": "painting"}, CAPTIONS, "concept_type must be one of object, style"),
+])
+def test_anchor_prompts_that_cannot_be_used(tmp_path, options, content, words):
+    captions = tmp_path / "captions.txt"
+    captions.write_text(content)
+    with pytest.raises(UserError, match=words):
+        make_config(CAConfig, {"concepts": ["circle"], "anchor_prompts": str(captions), **options})

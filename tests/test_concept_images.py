@@ -98,7 +98,7 @@ def test_encode_images_in_batches_matches_one_batch(pipe):
 def test_bad_folders_fail_with_one_line_messages(pipe, tmp_path):
     with pytest.raises(UserError, match="images folder .*missing does not exist"):
         make_config(ImageMethodConfig, {"images": str(tmp_path / "missing")})
-    with pytest.raises(UserError, match="masks need the images"):
+    with pytest.raises(UserError, match="masks from a folder need the images"):
         make_config(ImageMethodConfig, {"masks": str(tmp_path)})
 
     (tmp_path / "empty").mkdir()

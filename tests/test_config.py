@@ -183,6 +183,18 @@ def test_unknown_preset():
     assert "nope" in message and "known" in message
 
 
+def test_every_packaged_preset_loads():
+    from importlib import resources
+
+    from fasterase.methods import CONFIGS
+
+    names = sorted(p.name.removesuffix(".yaml") for p in resources.files("fasterase.presets").iterdir() if p.name.endswith(".yaml"))
+    assert {"mace-sd14", "mace-sd14-celebrity", "mace-sd14-art", "mace-sd14-nudity", "uce-sd14"} <= set(names)
+    for name in names:
+        method, _, preset_name = name.partition("-")
+        make_config(CONFIGS[method], preset(method, preset_name), {"concepts": ["circle"]})
+
+
 def every_config_class():
     from fasterase.methods import CONFIGS
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from fasterase import api
 from fasterase.config import make_config
@@ -48,8 +49,55 @@ def test_inversion_learns_vectors_that_reduce_the_denoising_loss(tiny_pipeline_d
     assert grad.shape == (2, pipe.text_encoder.config.hidden_size) and grad.abs().sum() > 0
 
 
+def test_inversion_starts_and_stays_where_the_reference_does(tiny_pipeline_dir):
+    """concept_then_random: the concept's sub-token vector, then random ones (std 1, far longer than
+    any token's); the norm pull keeps the direction and moves the norm towards an ordinary token's."""
+    from fasterase.methods.fmn import InvertedTokens
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    (circle,) = pipe.tokenizer("circle", add_special_tokens=False).input_ids
+    inverted = InvertedTokens(pipe, ["circle"], 3, "concept_then_random", torch.Generator().manual_seed(0))
+    vectors = inverted.vectors[0]
+    assert torch.equal(vectors[0], table[circle]) and not torch.equal(vectors[1], vectors[2])
+    mean = table.norm(dim=-1).mean().item()
+    assert inverted.mean_norms == [pytest.approx(mean)] and (vectors[1:].norm(dim=-1) > 5 * mean).all()
+    before = vectors.detach().clone()
+    inverted.pull_norms(0.5)
+    norms = before.norm(dim=-1)
+    assert torch.allclose(vectors.norm(dim=-1), norms + 0.5 * (mean - norms))
+    assert torch.allclose(nn.functional.normalize(vectors, dim=-1), nn.functional.normalize(before, dim=-1))
+    assert torch.equal(InvertedTokens(pipe, ["circle"], 2).vectors[0], table[[circle, circle]]), "init concept: the sub-tokens in turn"
+
+
+def test_sd14_preset_runs_the_references_inversion():
+    """configs/ti.yaml of SHI-Labs/Forget-Me-Not, then configs/attn.yaml (use_ti, use_pooler)."""
+    from fasterase.config import preset
+
+    cfg = make_config(FMNConfig, preset("fmn", "sd14"), {"concepts": ["circle"]})
+    inversion = (cfg.inversion_steps, cfg.inversion_tokens, cfg.inversion_init, cfg.inversion_lr, cfg.inversion_norm_pull, cfg.batch_size)
+    assert inversion == (500, 4, "concept_then_random", 1e-3, 0.1, 1)
+    assert (cfg.steps, cfg.lr, cfg.trainable, cfg.include_end, cfg.templates) == (35, 2e-6, "all", True, ["a photo of {}"])
+
+
+def test_the_sd14_preset_with_inversion_runs_end_to_end(tmp_path):
+    """The built-in world, with the preset's inversion and re-steering cut to a few steps."""
+    from fasterase.edits import load_edit
+
+    tiny = {"steps": 2, "inversion_steps": 3, "image_count": 1, "sample_steps": 2, "log_every": 1}
+    losses = []
+    summary = api.erase("fmn", ["circle"], preset="sd14", out=tmp_path / "fmn.safetensors", progress=lambda step, total, loss: losses.append(loss), **tiny)
+    assert sum("inversion" in loss for loss in losses) == 3 and sum("attention" in loss for loss in losses) == 2
+    edit = load_edit(summary.edit)
+    assert edit.metadata.config["inversion_tokens"] == 4 and edit.tensors
+    assert all(name.startswith("unet.") for name in edit.tensors)
+
+
 def test_bad_options():
-    for options in ({"trainable": "text_encoder"}, {"batch_size": 0}, {"inversion_steps": -1}, {"masks": "somewhere"}):
+    for options in (
+        {"trainable": "text_encoder"}, {"batch_size": 0}, {"inversion_steps": -1}, {"masks": "somewhere"},
+        {"inversion_init": "random"}, {"inversion_norm_pull": 1.5}, {"inversion_norm_pull": -0.1},
+    ):
         with pytest.raises(UserError):
             make_config(FMNConfig, {"concepts": ["circle"], **options})
 

@@ -122,7 +122,10 @@ def test_bad_input_is_one_line_on_the_command_line(tmp_path, capsys):
     ({"concepts": ["circle", "square"], "mapping": ["a", "b", "c"]}, "one per erased concept"),
     ({"concepts": ["circle"], "mapping": "ring"}, "must be a list"),
     ({"concepts": ["circle"], "templates": ["a photo"]}, "must contain"),
-    ({"concepts": ["circle"], "lam": 0.0}, "lam must be positive"),
+    ({"concepts": ["circle"], "lam": -0.5}, "lam must be at least 0"),
+    ({"concepts": ["circle"], "pairing": "tail"}, "pairing must be one of"),
+    ({"concepts": ["circle"], "preserve_gram": "a.safetensors:-1"}, "finite weight of at least 0"),
+    ({"concepts": ["circle"], "preserve_gram": "a.safetensors:nan"}, "finite weight of at least 0"),
     ({"concepts": ["circle"], "rank": 0}, "rank"),
     ({"concepts": ["circle"], "masks": "somewhere"}, "masks"),
 ])

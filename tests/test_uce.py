@@ -85,7 +85,10 @@ def test_edited_positions_run_from_the_concepts_last_token():
 @pytest.mark.parametrize("options, message", [
     ({"concepts": ["circle", "square"], "guide": ["a", "b", "c"]}, "one per erased concept"),
     ({"concepts": ["circle"], "templates": ["a photo"]}, "must contain"),
-    ({"concepts": ["circle"], "lam": 0.0}, "lam must be positive"),
+    ({"concepts": ["circle"], "lam": -0.5}, "lam must be at least 0"),
+    ({"concepts": ["circle"], "pairing": "tail"}, "pairing must be one of"),
+    ({"concepts": ["circle"], "preserve_gram": "a.safetensors:-1"}, "finite weight of at least 0"),
+    ({"concepts": ["circle"], "preserve_gram": "a.safetensors:nan"}, "finite weight of at least 0"),
     ({"concepts": ["circle"], "preserve_scale": -1.0}, "preserve_scale"),
     ({"concepts": ["circle"], "guide": "ring"}, "must be a list"),
 ])

@@ -13,7 +13,10 @@ spreads the caption (the concept) too.
 
 Optional first step, textual inversion: `inversion_tokens` new token vectors per concept are
 learnt so that the frozen model denoises the concept's images from prompts that name the concept
-with them; the re-steering loss then targets those tokens instead of the concept's own.
+with them; the re-steering loss then targets those tokens instead of the concept's own. The
+reference's inversion (cloneofsimo's pivotal tuning) starts its extra tokens from random vectors
+and, after every step, pulls each learnt vector's norm towards that of ordinary token vectors
+(`inversion_init`, `inversion_norm_pull`).
 """
 
 from __future__ import annotations
@@ -38,29 +41,48 @@ class InvertedTokens(nn.Module):
     """Textual inversion's new words: placeholder tokens added to copies of the pipeline's
     tokenizers, with one vector per placeholder and text encoder, learnt while the encoders stay as
     they are (their embedding tables are not resized; hooks put the vectors in place of the
-    placeholders' embeddings)."""
+    placeholders' embeddings).
 
-    def __init__(self, pipe, concepts: list[str], count: int):
+    The vectors start from the concept's own sub-token vectors: in turn for all of them (init
+    "concept"), or one per sub-token and random normal ones (std 1) for the rest (init
+    "concept_then_random", the reference's initializer tokens "elon|musk|<rand-1>|<rand-1>")."""
+
+    def __init__(self, pipe, concepts: list[str], count: int, init: str = "concept", generator: torch.Generator | None = None):
         super().__init__()
         family = family_of(pipe)
         self.encoders = family.text_encoders
         self.words = {c: " ".join(f"<{c.replace(' ', '_')}-{i}>" for i in range(count)) for c in concepts}
-        self.tokenizers, self.first_ids, vectors = [], [], []
+        self.tokenizers, self.first_ids, self.mean_norms, vectors = [], [], [], []
         for tokenizer_name, encoder_name in zip(family.tokenizers, family.text_encoders):
             tokenizer = copy.deepcopy(getattr(pipe, tokenizer_name))
             embedding = getattr(pipe, encoder_name).get_input_embeddings()
             added = tokenizer.add_tokens(" ".join(self.words.values()).split())
             if added != count * len(concepts) or len(tokenizer) != embedding.num_embeddings + added:
                 raise UserError("the tokenizer's vocabulary does not match the text encoder's embeddings; textual inversion needs them equal")
-            # Start from the concepts' own token vectors, as textual inversion usually does.
-            init = []
+            table = embedding.weight.detach().float()
+            starts = []
             for concept in concepts:
                 ids = tokenizer(concept, add_special_tokens=False).input_ids
-                init += [embedding.weight[ids[i % len(ids)]].detach().float().clone() for i in range(count)]
+                if init == "concept":
+                    starts += [table[ids[i % len(ids)]] for i in range(count)]
+                else:
+                    starts += [table[i] for i in ids[:count]]
+                    starts += [torch.randn(table.shape[1], generator=generator).to(table.device) for _ in range(count - len(ids))]
             self.tokenizers.append(tokenizer)
             self.first_ids.append(embedding.num_embeddings)
-            vectors.append(nn.Parameter(torch.stack(init)))
+            self.mean_norms.append(table.norm(dim=-1).mean().item())
+            vectors.append(nn.Parameter(torch.stack(starts)))
         self.vectors = nn.ParameterList(vectors)
+
+    @torch.no_grad()
+    def pull_norms(self, fraction: float) -> None:
+        """Moves every vector's norm `fraction` of the way to the mean norm of its text encoder's
+        token vectors, keeping its direction: the reference's clip_ti_decay, with the mean of the
+        model at hand (0.23 in the built-in world's) for its constant 0.4. Vectors that start random,
+        far longer than any token's, shrink to an ordinary length within some tens of steps."""
+        for vectors, target in zip(self.vectors, self.mean_norms):
+            norms = vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            vectors.mul_((norms + fraction * (target - norms)) / norms)
 
     def encode(self, pipe, prompts: list[str]) -> Conditioning:
         """The conditioning of prompts that may contain the new words."""
@@ -94,7 +116,7 @@ class ForgetMeNot(Method):
         # Every (concept, template) prompt, concept-major; the names the loss targets in them.
         names = list(cfg.concepts)
         if cfg.inversion_steps:
-            inverted = InvertedTokens(pipe, cfg.concepts, cfg.inversion_tokens).to(device)
+            inverted = InvertedTokens(pipe, cfg.concepts, cfg.inversion_tokens, cfg.inversion_init, torch.Generator().manual_seed(cfg.seed)).to(device)
             self._invert(pipe, cfg, images, inverted, progress)
             names = [inverted.words[c] for c in cfg.concepts]
         prompts = [t.format(name) for name in names for t in cfg.templates]
@@ -151,6 +173,8 @@ class ForgetMeNot(Method):
                 pred = denoise(pipe.unet, x, t, context).float()
             loss = nn.functional.mse_loss(pred, training_target(scheduler, latents, noise, t).float())
             optimization.step(loss)
+            if cfg.inversion_norm_pull:
+                inverted.pull_norms(cfg.inversion_norm_pull)
             return {"inversion": loss.detach()}
 
         report = None if progress is None else (lambda step, total, losses: progress(0, cfg.steps, losses))

@@ -3,18 +3,21 @@ values of the UNet.
 
 1. Closed-form refinement (CFR). Every to_k/to_v projection W is replaced by the ridge solution
    (`fasterase.closed_form`) that sends the text embeddings of each concept's prompts where W sends
-   the same prompts with the mapping concept in its place, keeps W on the preserved concepts'
-   prompts (and optionally a cached Gram of many prompts), and stays near W (lambda). The concept's
-   positions are its first sub-token and every position after it (its sub-tokens, the words after
-   it, end of text and padding, where a CLIP text encoder spreads the caption); each is paired with
-   the mapping prompt's embedding at the same position. The positions before the concept are kept
-   where W sends them: the text encoder is causal, so they are the same in any prompt that begins
-   alike (the reference keeps them by aligning the common prefix). The reference aligns the tail
-   after the concept with the mapping prompt's tail instead of pairing by position; for the
-   default empty mapping, pairing by position kept the other shapes best in UCE on the built-in
-   world. Every projection shares the Grams: one accumulation, one factorisation, W* = W M for all.
-   The default mapping is the empty concept: it needs no word of any vocabulary, so it works on any
-   model, and it sends the concept towards what the template alone draws.
+   the same prompts with the mapping concept in its place, keeps W on the preserved prompts (the
+   preserved concepts', the empty prompt's, and optionally cached Grams of many prompts, each with
+   its weight), and stays near W (lambda; 0 where the preservation terms make the system
+   solvable, as in the reference's celebrity, art and nudity settings). Which tokens pair with
+   which is `pairing` (`fasterase.models.token_pairs.MACE_PAIRINGS`): by position (the default:
+   every position with the mapping prompt's at the same position, so the positions before the
+   concept, the same in both prompts since the text encoder is causal, stay where W sends them),
+   or aligned as the reference aligns them (common prefix and suffix in order, the padding after,
+   and the concept's own sub-tokens without a target). For the default empty mapping, pairing by
+   position kept the other shapes best in UCE on the built-in world. The reference weighs the
+   preservation terms of this stage by its scale squared (it applies it twice):
+   square_refinement_scale. Every projection shares the Grams: one accumulation, one
+   factorisation, W* = W M for all. The default mapping is the empty concept: it needs no word of
+   any vocabulary, so it works on any model, and it sends the concept towards what the template
+   alone draws.
 2. One rank-r LoRA per concept on every cross-attention to_k and to_v (peft), trained so that image
    positions stop attending to the concept's tokens: the loss is the captured sum of squared
    attention probabilities on them (`fasterase.attention.AttentionCapture`), inside the concept's
@@ -27,11 +30,15 @@ values of the UNet.
    concept k trains in process k mod N, on the items and from the initial LoRA one process would
    give it: the concepts are independent until the fusion, which every process then runs.
 3. Fusion. The LoRAs are merged into one set of to_k/to_v weights by the same ridge solve: each
-   concept's positions (as in stage 1) are sent where the refined weights plus that concept's LoRA
-   send them, with the same preservation terms, including the positions before the concept
-   (`fasterase.lora.fuse_loras`: no dense B A is formed). The reference fuses every position
-   of the concept's prompts; then a LoRA's change of the start token, which every prompt shares,
-   reaches every prompt: on the built-in world (lr 1e-2) PSR-1 fell to 0.03 that way, 0.53 this way.
+   concept's prompt tokens are sent where the refined weights plus that concept's LoRA send them
+   (`fasterase.lora.fuse_loras`: no dense B A is formed), with the same preservation terms at
+   preserve_scale. `fusion_positions` tail (the default) fuses the positions from the concept on
+   and keeps those before it; all (the reference) fuses every position of the concept's prompts:
+   then a LoRA's change of the start token, which every prompt shares, reaches every prompt (on
+   the built-in world, lr 1e-2, PSR-1 fell to 0.03 that way, 0.53 the default way).
+   `fusion_target` says where the preserved tokens' projections are kept: at the refined weights
+   (current, the default) or at the base model's (original, as the reference's caches of the
+   original model's outputs do).
 
 The edit is the fused to_k/to_v weights.
 """
@@ -48,13 +55,14 @@ import torch
 from torch import nn
 
 from ..attention import AttentionCapture, capture_processors
-from ..closed_form import RidgeGrams, edit_weights, gram, load_gram, mapping_matrix, prompt_gram
+from ..closed_form import RidgeGrams, edit_weights, gram, mapping_matrix, prompt_gram, weighted_grams
 from ..concept_images import ConceptImages, concept_images
 from ..distributed import all_gather, ranks
 from ..errors import UserError
 from ..lora import fuse_loras, lora_state_dict
 from ..models.family import Conditioning, denoise, encode, noise_scheduler
 from ..models.text import concept_tail, encode_prompts, token_columns
+from ..models.token_pairs import MACE_PAIRINGS
 from . import ErasureResult, Method, Progress, register
 from .configs import MACEConfig
 from .parameters import select_parameters
@@ -144,30 +152,39 @@ class MACE(Method):
         unet, device = pipe.unet, pipe.device
         if not cfg.concepts:
             raise UserError("mace needs at least one concept to erase")
-        cached = load_gram(cfg.preserve_gram, pipe).gram.to(device) if cfg.preserve_gram else None
+        cached = weighted_grams(cfg.preservation_grams(), pipe)
         images = concept_images(
             pipe, cfg.concepts, cfg.images, cfg.masks, count=cfg.image_count, templates=cfg.templates,
             sampling=cfg.sampling(),
         )
+        concepts = [c for c in cfg.concepts for _ in cfg.templates]
         prompts = [t.format(c) for c in cfg.concepts for t in cfg.templates]  # concept-major
         with torch.no_grad():
             context = encode(pipe, prompts)
             states = context.states  # what cross-attention reads: the closed forms solve over it
-            preserved = cfg.preserve_scale * prompt_gram(pipe, [""] + [t.format(p) for p in cfg.preserve for t in cfg.templates])
+            # P: the preserved prompts' and caches' tokens, before preserve_scale
+            kept = [""] * cfg.preserve_empty + [t.format(p) for p in cfg.preserve for t in cfg.templates]
+            preserved = prompt_gram(pipe, kept) if kept else torch.zeros(states.shape[-1], states.shape[-1], dtype=torch.float64, device=device)
             if cached is not None:
-                preserved += cfg.preserve_scale * cached.to(preserved.device)
-            edited = concept_tail(pipe.tokenizer, prompts, [c for c in cfg.concepts for _ in cfg.templates]).to(device)
-            # Before the concept a prompt's embeddings are those of any prompt with the same
-            # beginning (the text encoder is causal): both solves keep their projections.
-            preserved += gram(states, ~edited)
+                preserved += cached
         weights = select_parameters(unet, "cross_attention_kv")
-        self._refine(pipe, cfg, states, edited, preserved, weights)
+        original = {n: p.detach().clone() for n, p in weights.items()} if cfg.fusion_target == "original" else None
+        refinement_scale = cfg.preserve_scale**2 if cfg.square_refinement_scale else cfg.preserve_scale
+        self._refine(pipe, cfg, concepts, prompts, states, refinement_scale * preserved, weights)
         loras = self._train(pipe, cfg, images, prompts, context, progress)
         with torch.no_grad():
+            fusion_preserved = cfg.preserve_scale * preserved
+            if cfg.fusion_positions == "all":
+                fused_positions = torch.ones(states.shape[:2], dtype=torch.bool, device=device)
+            else:
+                # From the concept on; before it a prompt's states are those of any prompt with the
+                # same beginning (the text encoder is causal): those keep their projections.
+                fused_positions = concept_tail(pipe.tokenizer, prompts, concepts).to(device)
+                fusion_preserved = fusion_preserved + gram(states, ~fused_positions)
             by_concept = (len(cfg.concepts), len(cfg.templates), *states.shape[1:])
-            concept_grams = [gram(own, mask) for own, mask in zip(states.view(by_concept), edited.view(by_concept[:3]))]
+            concept_grams = [gram(own, mask) for own, mask in zip(states.view(by_concept), fused_positions.view(by_concept[:3]))]
             fused = fuse_loras(
-                {n: p.detach() for n, p in weights.items()}, loras, concept_grams, preserved, cfg.lam, cfg.op_backend("ridge_solve")
+                {n: p.detach() for n, p in weights.items()}, loras, concept_grams, fusion_preserved, cfg.lam, cfg.op_backend("ridge_solve"), original
             )
             for name, value in fused.items():
                 weights[name].copy_(value)
@@ -176,13 +193,15 @@ class MACE(Method):
 
     @staticmethod
     @torch.no_grad()
-    def _refine(pipe, cfg: MACEConfig, states: torch.Tensor, edited: torch.Tensor, preserved: torch.Tensor, weights: dict) -> None:
-        """Stage 1: every to_k/to_v W becomes W M, M the one ridge solution that maps each concept's
-        prompt tokens (the `edited` positions) to the mapping prompt's at the same positions."""
-        mapped = encode_prompts(pipe, [t.format(m) for m in cfg.mappings() for t in cfg.templates])
+    def _refine(pipe, cfg: MACEConfig, concepts: list[str], prompts: list[str], states: torch.Tensor, preserved: torch.Tensor, weights: dict) -> None:
+        """Stage 1: every to_k/to_v W becomes W M, M the one ridge solution that sends the concepts'
+        prompt tokens where W sends the mapping prompts' tokens they are paired with (`pairing`),
+        keeping W on the `preserved` Gram."""
+        targets = [t.format(m) for m in cfg.mappings() for t in cfg.templates]
+        pairs = MACE_PAIRINGS[cfg.pairing].edited(pipe.tokenizer, prompts, concepts, targets)
         grams = RidgeGrams.zeros(states.shape[-1], states.device)
-        grams.add_edit(states, mapped, edited)
-        grams.preserved += preserved.to(grams.preserved.device)
+        grams.add_edit(*pairs.states(states, encode_prompts(pipe, targets)))
+        grams.preserved += preserved
         mapping = mapping_matrix(grams, cfg.lam, cfg.op_backend("ridge_solve"))
         for name, value in edit_weights({n: p.detach() for n, p in weights.items()}, mapping).items():
             weights[name].copy_(value)

@@ -7,19 +7,22 @@ guide's, W t_i, keeps W on preserved prompts, and stays near W (lambda). The tar
 every projection, so one d x d matrix M serves all of them: W* = W M.
 
 Tokens: for every template, the concept's prompt and the guide's prompt (the same template with
-the guide in place; the empty guide leaves the template's other words) are encoded, and the
-positions from the concept's last sub-token to the end (end-of-text and padding, where a CLIP text
-encoder spreads the caption) are paired with the guide prompt's tokens at the same positions, so
-the projected sequence of the concept's prompt becomes that of the guide's. Earlier sub-tokens of a
-multi-token concept are left alone, as in the reference: the text encoder is causal, so they are
-the same as in prompts without the concept. The reference pairs the tail from the concept's last
-token with the tail from the guide's last token (for the empty guide, its start token); on the
-built-in world pairing by position kept the other shapes better (PSR-1 1.00 against 0.94, n=16),
-and the concept's last token alone (the reference's newer script) erased nothing there.
+the guide in place; the empty guide leaves the template's other words) are encoded, and their
+positions paired by `pairing` (`fasterase.models.token_pairs.UCE_PAIRINGS`):
+- position (the default): from the concept's last sub-token to the end (end-of-text and padding,
+  where a CLIP text encoder spreads the caption), each with the guide prompt's token at the same
+  position, so the projected sequence of the concept's prompt becomes that of the guide's;
+- tails (the 2023 reference, train_erase.py; preset sd14): the tail from the prompt's last word
+  with the guide prompt's tail from its last word (for the empty guide, its start token);
+- last (the 2025 reference, uce_sd_erase.py): each prompt's last word alone, and of the preserved
+  prompts only their last words.
+On the built-in world pairing by position kept the other shapes better than tails (PSR-1 1.00
+against 0.94, n=16), and the last token alone erased nothing there.
 
-Preserved: every position of the preserved concepts' prompts, of the empty prompt (the
-unconditional branch of classifier-free guidance), and optionally a cached Gram of many prompts
-(`fasterase cache build`), each prompt weighted preserve_scale.
+Preserved: the preserved concepts' prompts, the empty prompt (the unconditional branch of
+classifier-free guidance; preserve_empty), and optionally cached Grams of many prompts
+(`fasterase cache build`, each with its weight), each weighted preserve_scale (or, with
+preserve_scale_by_count, the 2023 reference's max(0.1, 1 / number of preserved prompts)).
 
 There is no training: `steps` is ignored, `dtype` does not matter, and `backend` picks the
 implementation of the float64 solve (`fasterase.kernels.ridge_solve`; triton, which has none, runs
@@ -30,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from ..closed_form import RidgeGrams, edit_weights, load_gram, mapping_fit, mapping_matrix, prompt_gram
+from ..closed_form import RidgeGrams, edit_weights, gram, mapping_fit, mapping_matrix, weighted_grams
 from ..models.family import context_width
-from ..models.text import concept_tail, encode_prompts
+from ..models.text import encode_prompts
+from ..models.token_pairs import UCE_PAIRINGS
 from . import ErasureResult, Method, Progress, register
 from .configs import UCEConfig
 from .parameters import select_parameters
@@ -46,19 +50,23 @@ class UCE(Method):
     def erase(self, pipe, cfg: UCEConfig, progress: Progress | None = None) -> ErasureResult:
         if progress is not None:
             progress(0, 1, {})
-        device = pipe.device
-        cached = load_gram(cfg.preserve_gram, pipe).gram.to(device) if cfg.preserve_gram else None
+        device, tokenizer, pairing = pipe.device, pipe.tokenizer, UCE_PAIRINGS[cfg.pairing]
+        cached = weighted_grams(cfg.preservation_grams(), pipe)
         grams = RidgeGrams.zeros(context_width(pipe), device)
         # (concept, concept's prompt, guide's prompt) for every erased concept and template
         edits = [(c, t.format(c), t.format(g)) for c, g in zip(cfg.concepts, cfg.guides()) for t in cfg.templates]
         for start in range(0, len(edits), cfg.batch_size):
-            concepts, prompts, guide_prompts = zip(*edits[start : start + cfg.batch_size])
-            mask = concept_tail(pipe.tokenizer, list(prompts), list(concepts), from_last=True).to(device)
-            grams.add_edit(encode_prompts(pipe, list(prompts)), encode_prompts(pipe, list(guide_prompts)), cfg.erase_scale * mask)
-        preserved = [""] + [t.format(p) for p in cfg.preserve for t in cfg.templates]
-        grams.preserved += cfg.preserve_scale * prompt_gram(pipe, preserved, cfg.batch_size)
+            concepts, prompts, guide_prompts = (list(part) for part in zip(*edits[start : start + cfg.batch_size]))
+            pairs = pairing.edited(tokenizer, prompts, concepts, guide_prompts)
+            sources, targets = pairs.states(encode_prompts(pipe, prompts), encode_prompts(pipe, guide_prompts))
+            grams.add_edit(sources, targets, sources.new_full(sources.shape[:1], cfg.erase_scale))
+        preserved = [""] * cfg.preserve_empty + [t.format(p) for p in cfg.preserve for t in cfg.templates]
+        scale = max(0.1, 1 / len(preserved)) if cfg.preserve_scale_by_count and preserved else cfg.preserve_scale
+        for start in range(0, len(preserved), cfg.batch_size):
+            batch = preserved[start : start + cfg.batch_size]
+            grams.preserved += scale * gram(encode_prompts(pipe, batch), pairing.preserved(tokenizer, batch).to(device))
         if cached is not None:
-            grams.preserved += cfg.preserve_scale * cached
+            grams.preserved += scale * cached
 
         mapping = mapping_matrix(grams, cfg.lam, cfg.op_backend("ridge_solve"))
         # weights only: a bias is added after the projection, so the edit leaves it as it is
