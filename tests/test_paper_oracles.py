@@ -112,22 +112,24 @@ def aligned_indices(old: list[int], new: list[int], length: int = 77) -> tuple[l
     return old_idx + list(range(old_idx[-1] + 1, length - (new_idx[-1] - old_idx[-1]))), new_idx + list(range(new_idx[-1] + 1, length))
 
 
-def test_mace_sd14_celebrity_equals_the_reference(builtin, tmp_path, monkeypatch):
-    """configs/celebrity: lambda 0, two caches (domain weight 8e4, general 1) at scale 1e-4, applied
-    twice in the refinement (train_preserve_scale squared) and once in the fusion, whose targets
-    are the original model's; the refinement on the aligned tokens, the fusion on every position
-    of the concept's prompts, sent where W_refined + B A sends them."""
-    concepts, mapping, scale = ["circle", "red square"], "star", 1e-4
+@pytest.mark.parametrize("setting", ["sd14", "sd14-celebrity"])
+def test_mace_sd14_equals_the_reference(builtin, tmp_path, monkeypatch, setting):
+    """configs/object: lambda 1e3, no preservation. configs/celebrity: lambda 0, two caches (domain
+    weight 8e4, general 1) at scale 1e-4, applied twice in the refinement (train_preserve_scale
+    squared) and once in the fusion, whose targets are the original model's. Both: the refinement
+    on the aligned tokens, the fusion on every position of the concept's prompts, sent where
+    W_refined + B A sends them."""
+    concepts, mapping = ["circle", "red square"], "star"
     domain_prompts = [f"a photo of a {c}" for c in ("ring", "triangle", "heart", "cross", "square")] + ["ring", "triangle"]
     general_prompts = [f"a {colour} {shape}" for colour in ("green", "blue", "yellow") for shape in ("star", "ring", "heart")]
-    domain, general = tmp_path / "domain.safetensors", tmp_path / "general.safetensors"
-    for path, prompts in ((domain, domain_prompts), (general, general_prompts)):
-        save_gram(path, preservation_gram(builtin, prompts, "built-in"))
-    options = {
-        "mapping": [mapping], "preserve_gram": f"{domain}:8e4,{general}:1", "preserve_scale": scale,
-        "steps": 2, "lr": 1e-2, "image_count": 1, "sample_steps": 2, "masks": "none",
-    }
-    cfg = erase_config("mace", concepts, preset="sd14-celebrity", **options)
+    caches = ((8e4, domain_prompts), (1.0, general_prompts)) if setting == "sd14-celebrity" else ()
+    paths = []
+    for i, (weight, prompts) in enumerate(caches):
+        save_gram(tmp_path / f"{i}.safetensors", preservation_gram(builtin, prompts, "built-in"))
+        paths.append(f"{tmp_path / f'{i}.safetensors'}:{weight:g}")
+    options = {"mapping": [mapping], "preserve_gram": ",".join(paths), "steps": 2, "lr": 1e-2, "image_count": 1, "sample_steps": 2, "masks": "none"}
+    cfg = erase_config("mace", concepts, preset=setting, **options)
+    lam, scale = cfg.lam, cfg.preserve_scale
 
     seen = {}
     train = MACE._train
@@ -143,7 +145,7 @@ def test_mace_sd14_celebrity_equals_the_reference(builtin, tmp_path, monkeypatch
     base = projections(builtin)
     width = builtin.unet.config.cross_attention_dim
     cache = torch.zeros(width, width, dtype=F64)
-    for weight, prompts in ((8e4, domain_prompts), (1.0, general_prompts)):
+    for weight, prompts in caches:
         states = embeddings(builtin, prompts)[0].reshape(-1, width)
         cache += weight * states.T @ states
     # stage 1: the reference's pairs, with the caches at train_preserve_scale squared
@@ -156,7 +158,7 @@ def test_mace_sd14_celebrity_equals_the_reference(builtin, tmp_path, monkeypatch
             sources.append(states[0, old_idx])
             targets.append(states[1, new_idx])
     c, t = torch.cat(sources), torch.cat(targets)
-    refined = {name: solve(0.0, w, (w @ t.T) @ c + scale**2 * w @ cache, c.T @ c + scale**2 * cache) for name, w in base.items()}
+    refined = {name: solve(lam, w, (w @ t.T) @ c + scale**2 * w @ cache, c.T @ c + scale**2 * cache) for name, w in base.items()}
     for name, expected in refined.items():
         to_weight, to_change = relative_error(seen["refined"][name], expected, base[name])
         assert to_weight < 1e-6 and to_change < 1e-4, ("refinement", name, to_weight, to_change)
@@ -168,6 +170,6 @@ def test_mace_sd14_celebrity_equals_the_reference(builtin, tmp_path, monkeypatch
             up, down = (f.to(F64) for f in seen["loras"][k][name])
             value_sum += ((w_refined + up @ down) @ own.T) @ own
             grams += own.T @ own
-        expected = solve(0.0, w_refined, value_sum, grams)
+        expected = solve(lam, w_refined, value_sum, grams)
         to_weight, to_change = relative_error(result[f"unet.{name}"], expected, base[name])
         assert to_weight < 1e-6 and to_change < 1e-4, ("fusion", name, to_weight, to_change)
