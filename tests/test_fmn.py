@@ -40,7 +40,7 @@ def test_fmn_changes_only_its_trainable_set(tiny_pipeline_dir, options, belongs)
 
 def test_inversion_learns_vectors_that_reduce_the_denoising_loss(tiny_pipeline_dir):
     """The inverted words are used: re-steering then targets them, not the concept's own token."""
-    from fasterase.methods.fmn import InvertedTokens
+    from fasterase.inversion import InvertedTokens
 
     pipe = load_pipeline(tiny_pipeline_dir)
     inverted = InvertedTokens(pipe, ["circle"], 2)
@@ -52,7 +52,7 @@ def test_inversion_learns_vectors_that_reduce_the_denoising_loss(tiny_pipeline_d
 def test_inversion_starts_and_stays_where_the_reference_does(tiny_pipeline_dir):
     """concept_then_random: the concept's sub-token vector, then random ones (std 1, far longer than
     any token's); the norm pull keeps the direction and moves the norm towards an ordinary token's."""
-    from fasterase.methods.fmn import InvertedTokens
+    from fasterase.inversion import InvertedTokens
 
     pipe = load_pipeline(tiny_pipeline_dir)
     table = pipe.text_encoder.get_input_embeddings().weight
