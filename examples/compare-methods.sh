@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Erase one concept with each method on the built-in world (defaults), then evaluate every edit
-# on the same prompts and noise: one ESR/PSR table and one grid.
-#   examples/compare-methods.sh [CONCEPT] [OUT_DIR] [METHOD ...]
+# on the same prompts and noise: one ESR/PSR table and one grid; with ATTACKS="inversion prompt
+# ringabell", also each attack's ASR against every edit.
+#   [ATTACKS="..."] examples/compare-methods.sh [CONCEPT] [OUT_DIR] [METHOD ...]
 set -euo pipefail
 concept=${1:-circle}
 out=${2:-compare}
@@ -14,4 +15,8 @@ for method in "${methods[@]}"; do
   fasterase erase --method "$method" --concept "$concept" --out "$out/$method.safetensors"
   edits+=(--edit "$out/$method.safetensors")
 done
-fasterase evaluate "${edits[@]}" --n 32 --grid "$out/grid.png" | tee "$out/table.txt"
+attacks=()
+for attack in ${ATTACKS:-}; do
+  attacks+=(--attack "$attack")
+done
+fasterase evaluate "${edits[@]}" "${attacks[@]}" --n 32 --grid "$out/grid.png" | tee "$out/table.txt"

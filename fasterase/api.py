@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from .attacks import attack_config, load_found, save_found
+from .attacks.run import attacked_rate, find, recognition_rate
 from .attention import backend_processors
 from .config import SamplingConfig, check_callables, check_count, check_paths, check_sampling, strings
 from .edits import Edit, EditMetadata, apply_edit, bound_components, bound_fingerprints, check_edit, load_edit, load_key, save_edit
@@ -289,9 +291,12 @@ def evaluate(
     prompts: str | Path | None = None,
     clip: str | Path | None = None,
     report: str | Path | None = None,
+    attacks: list[str] | None = None,
 ) -> dict:
     """ESR/PSR of the edited model and of its base on the same prompts and noise; see
     `fasterase.evaluation.report`. Without `concepts`, the edit's own concepts are evaluated.
+    `attacks` (`fasterase.attacks`, each with its defaults) are run against the edit for every
+    erased concept, on the same prompts and seeds: their ASR, beside the erased concept's top-1.
     `judge` names the judge (`fasterase.evaluation.judges`; default: the built-in world's, on the
     built-in model) and `judge_options` its options; `prompts`, a prompt set file
     (`fasterase.evaluation.prompts`), replaces the judge's n prompts per concept. `clip`, a local
@@ -301,7 +306,7 @@ def evaluate(
         raise UserError(f"edit must be an edit file's path, not {shown(edit)}")
     return compare(
         [edit], concepts, preserve=preserve, model=model, model_config=model_config, key=key, n=n, grid=grid, sampling=sampling, progress=progress,
-        judge=judge, judge_options=judge_options, prompts=prompts, clip=clip, report=report,
+        judge=judge, judge_options=judge_options, prompts=prompts, clip=clip, report=report, attacks=attacks,
     )["edits"][0]
 
 
@@ -322,6 +327,7 @@ def compare(
     prompts: str | Path | None = None,
     clip: str | Path | None = None,
     report: str | Path | None = None,
+    attacks: list[str] | None = None,
 ) -> dict:
     """Several edits of one base model (e.g. one per method) evaluated on the same concepts,
     prompts and noise: {"original": the base model's scores, "edits": one `evaluate` result per
@@ -335,6 +341,12 @@ def compare(
     check_paths(model=model, model_config=model_config, key=key, grid=grid, prompts=prompts, clip=clip, report=report)
     check_sampling(sampling)
     check_callables(progress=progress)
+    attacks = strings("attacks", attacks, optional=True) or []
+    attack_configs = {name: attack_config(name) for name in attacks}
+    if attacks and prompts is not None:
+        raise UserError("attacks run on the judge's prompts of each concept, not on a prompt set: drop prompts or the attacks")
+    if attacks and processes() > 1:
+        raise UserError("attacks run in one process; under torchrun, evaluate without them")
     loaded = [load_edit(e) for e in edits]
     if not loaded:
         raise UserError("compare needs at least one edit")
@@ -361,6 +373,8 @@ def compare(
     original_quality = clip_scores(scorer, roles, prompts_of, original_images) if scorer is not None else None
     kept = plan.preserved if scorer is not None else []
     original_features = image_features(scorer, {c: original_images[c] for c in kept}) if kept else None
+    # the attacks read the base model unedited (the first edit is applied to `pipe` itself)
+    unedited = load_pipeline(model, device=default_device(), model_config=model_config) if attacks else None
     results, rows = [], []
     for path, e in zip(edits, loaded):
         edited_pipe = load_pipeline(model, device=default_device(), model_config=model_config) if results else pipe
@@ -375,7 +389,17 @@ def compare(
             }
         else:
             quality = {"clip_score": NO_CLIP, "preserved_drift": NO_CLIP}
-        results.append({**make_report(plan, original, recognition(judge, edited_images)), "quality": quality, "edit": str(path), "method": e.metadata.method})
+        edited_rates = recognition(judge, edited_images)
+        results.append({**make_report(plan, original, edited_rates), "quality": quality, "edit": str(path), "method": e.metadata.method})
+        if attacks:
+            results[-1]["attacks"] = {
+                c: {
+                    name: {"asr": attacked_rate(name, find(name, cfg, edited_pipe, unedited, c, prompts_of[c]), edited_pipe, judge, c, plan.concepts(), sampling, progress),
+                           "baseline": edited_rates[c]["top1"], "original": original[c]["top1"]}
+                    for name, cfg in attack_configs.items()
+                }
+                for c in plan.erased
+            }
         rows.append((e.metadata.method, edited_images))
     if grid is not None:
         pictured = plan.erased + plan.lookalikes + plan.preserved[:3]
@@ -395,3 +419,96 @@ def compare(
             text = json.dumps(results[0] if len(results) == 1 else comparison, indent=1) + "\n"
             write_atomically(report, lambda f: f.write(text.encode()))
     return comparison
+
+
+def attack(
+    edit: str | Path,
+    concept: str | None = None,
+    *,
+    attack: str | None = None,
+    options: dict | None = None,
+    preset: str | None = None,
+    replay: str | Path | None = None,
+    model=None,
+    model_config=None,
+    key=None,
+    n: int = 32,
+    sampling: SamplingConfig = SamplingConfig(),
+    judge: str | None = None,
+    judge_options: dict | None = None,
+    out: str | Path | None = None,
+    report: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+    attack_progress: Progress | None = None,
+) -> dict:
+    """Attacks an edited model (`fasterase.attacks`) and reports how much of the concept comes back:
+    {"asr": the share of the attacked images the judge recognises as the concept, "baseline": the
+    edited model's share on the plain prompts from the same seeds, "original": the base model's},
+    under "attacks" by the attack's name. `attack` names the attack (configured by its `preset`,
+    then `options`) and what it finds is written to `out` (by default beside the edit), so that
+    `replay` runs it again on another edit. With a KPOP edit's `key`, the key's own recovery is
+    reported beside it under "key": the owner's attack, the upper bound of what the prompt hides."""
+    if not isinstance(edit, (str, os.PathLike)) or not str(edit):
+        raise UserError(f"edit must be an edit file's path, not {shown(edit)}")
+    if concept is not None and (not isinstance(concept, str) or not concept.strip()):
+        raise UserError(f"concept must be a concept's name, not {shown(concept)}")
+    if (attack is None) == (replay is None):
+        raise UserError("name an attack to run, or a file of what an attack found to replay (not both)")
+    cfg = attack_config(attack, options, preset) if attack is not None else None
+    check_paths(replay=replay, model=model, model_config=model_config, key=key, out=out, report=report)
+    check_count("n", n)
+    check_sampling(sampling)
+    check_callables(progress=progress, attack_progress=attack_progress)
+    loaded = load_edit(edit)
+    found, replayed = None, None
+    if replay is not None:
+        attack, found, replayed = load_found(replay)
+        concept = concept or replayed.get("concept")
+        n = len(found.prompts)
+    if concept is None:
+        erased = loaded.metadata.concepts
+        if len(erased) != 1:
+            raise UserError(f"this edit erases {len(erased) or 'no'} concepts: say which to attack with --concept")
+        concept = erased[0]
+    if key is not None and not loaded.metadata.key:
+        raise UserError(f"this {loaded.metadata.method} edit has no key: only KPOP edits are written with one")
+    matching_key = load_matching_key(key, [loaded])
+    inputs = [local_path(model), model_config, edit, key, replay, *(cfg.input_paths() if cfg is not None else [])]
+    if replay is None:
+        out = ensure_writable(Path(out) if out else Path(f"{Path(edit).with_suffix('')}.attack-{attack}.safetensors"), inputs)
+    elif out is not None:
+        raise UserError("a replay writes no file of what it found: drop out")
+    if report is not None:
+        ensure_writable(Path(report), inputs + [out])
+    judge = evaluation_judge(judge, judge_options, model)
+    judge.check(concept)
+    labels = plan_for(judge, [concept], None, n).concepts()
+    prompts = judge.prompts(concept, n)
+    original = load_pipeline(model, device=default_device(), model_config=model_config)
+    base = fingerprints(original, bound_components(original, loaded))
+    check_edit(original, loaded, base)  # before any sampling
+    edited = load_pipeline(model, device=default_device(), model_config=model_config)
+    apply_edit(edited, loaded, base)
+    for name in family_of(edited).tokenizers:
+        check_concept(getattr(edited, name), concept)
+
+    rates = {"original": recognition_rate(judge, sample_images(original, prompts, sampling, progress), concept, labels)}
+    rates["baseline"] = recognition_rate(judge, sample_images(edited, prompts, sampling, progress), concept, labels)
+    if found is None:
+        found = find(attack, cfg, edited, original, concept, prompts, attack_progress)
+    outcome = {"asr": attacked_rate(attack, found, edited, judge, concept, labels, sampling, progress), **rates, "record": found.record}
+    if replay is None:
+        save_found(out, attack, found, {"concept": concept, "config": cfg.to_dict(), "edit": str(edit), "base_model": loaded.metadata.base_model})
+        outcome["found"] = str(out)
+    else:
+        outcome["replayed"] = str(replay)
+    result = {"edit": str(edit), "method": loaded.metadata.method, "concept": concept, "n": n, **rates, "attacks": {attack: outcome}}
+    if matching_key is not None:
+        with key_block(edited, matching_key):
+            images = sample_images(edited, prompts, sampling, progress)
+        result["key"] = {"asr": recognition_rate(judge, images, concept, labels), **rates}
+    if report is not None:
+        text = json.dumps(result, indent=1) + "\n"
+        write_atomically(report, lambda f: f.write(text.encode()))
+        result["report"] = str(report)
+    return result

@@ -137,6 +137,10 @@ def _cmd_evaluate(args) -> int:
     judge_options = dict(_parse_set(item) for item in args.judge_set)
     if args.candidates:
         judge_options["candidates"] = _read_lines(args.candidates, "candidate labels")
+    from .attacks import attack_config
+
+    for name in args.attack or []:
+        attack_config(name)  # before torch is imported
     from . import api
     from .evaluation.report import format_comparison, format_table
 
@@ -161,7 +165,7 @@ def _cmd_evaluate(args) -> int:
         comparison = api.compare(
             args.edit, args.concept, preserve=args.preserve, model=args.model, model_config=args.model_config, key=args.key, n=args.n, grid=grid,
             sampling=sampling, judge=args.judge, judge_options=judge_options, prompts=args.prompts, clip=args.clip, progress=progress,
-            report=report,
+            report=report, attacks=args.attack,
         )
     finally:
         if bar is not None:
@@ -172,6 +176,51 @@ def _cmd_evaluate(args) -> int:
     else:
         print(format_table(comparison["edits"][0]) if single else format_comparison(comparison))
         print(f"grid: {grid}\nreport: {report}")
+    return 0
+
+
+def _cmd_attack(args) -> int:
+    sampling = _sampling(args)
+    options = dict(_parse_set(item) for item in args.set)
+    judge_options = dict(_parse_set(item) for item in args.judge_set)
+    if args.candidates:
+        judge_options["candidates"] = _read_lines(args.candidates, "candidate labels")
+    if args.attack is not None:
+        from .attacks import attack_config
+
+        attack_config(args.attack, options, args.preset)  # checked whole before torch is imported
+    from . import api
+
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def images(count: int) -> None:
+        bars.setdefault("images", tqdm(desc="images", unit="img", file=sys.stderr, dynamic_ncols=True)).update(count)
+
+    def steps(step: int, total: int, losses: dict[str, float]) -> None:
+        bar = bars.setdefault("attack", tqdm(desc=args.attack or "attack", total=total, unit="step", file=sys.stderr, dynamic_ncols=True))
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+
+    try:
+        result = api.attack(
+            args.edit, args.concept, attack=args.attack, options=options, preset=args.preset, replay=args.replay, model=args.model,
+            model_config=args.model_config, key=args.key, n=args.n, sampling=sampling, judge=args.judge, judge_options=judge_options,
+            out=args.out, report=args.report, progress=images, attack_progress=steps,
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    from .evaluation.report import format_attacks
+
+    print(format_attacks(result))
+    for outcome in result["attacks"].values():
+        if "found" in outcome:
+            print(f"found: {outcome['found']}")
     return 0
 
 
@@ -288,6 +337,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .attacks import ATTACK_CONFIGS
     from .methods import CONFIGS
     from .names import BACKEND_NAMES
 
@@ -345,9 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML), e.g. --judge-set threshold=0.5")
     p.add_argument("--clip", metavar="DIR", help="a local CLIP folder that scores quality (CLIP score of erased and preserved images, before and after); default: the clip judge's")
     p.add_argument("--prompts", metavar="FILE", help="a prompt set: .csv with a prompt column and optional seed, guidance, concept (as I2P publishes it), or text, one prompt a line; one image per prompt instead of --n per concept")
+    p.add_argument("--attack", action="append", help=f"also attack the edit (repeat for several; each with its defaults; `fasterase attack` configures one): {', '.join(sorted(ATTACK_CONFIGS))}")
     _sampling_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("attack", help="attack an edited model: how much of the erased concept comes back (ASR)")
+    p.add_argument("--edit", required=True, help="the edit file to attack")
+    p.add_argument("--concept", help="the erased concept to bring back (default: the edit's, if it erases one)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--attack", help=f"one of: {', '.join(sorted(ATTACK_CONFIGS))}")
+    which.add_argument("--replay", metavar="FILE", help="what an attack found (its --out file), run again on this edit")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="any attack option (value read as YAML), e.g. --set steps=500")
+    p.add_argument("--preset", help="a packaged preset of the attack, e.g. paper (the paper's settings)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--model-config", metavar="DIR", help=model_config_help)
+    p.add_argument("--key", help="a KPOP edit's key: its own recovery, reported beside the attack")
+    p.add_argument("--n", "--count", dest="n", type=int, default=32, help="images of the concept, with and without the attack")
+    p.add_argument("--judge", help="what recognises the concept (as for evaluate; default: the built-in world's classifier)")
+    p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the concept, one a line")
+    p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML)")
+    p.add_argument("--out", help="the file of what the attack found, to replay (default: beside the edit, EDIT.attack-NAME.safetensors)")
+    p.add_argument("--report", metavar="FILE", help="the result as JSON")
+    _sampling_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_attack)
 
     p = sub.add_parser("env", help="versions, the GPU, and each kernel backend's status")
     p.add_argument("--json", action="store_true")

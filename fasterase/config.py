@@ -227,11 +227,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def preset(method: str, name: str) -> dict[str, Any]:
-    """The options of a packaged preset, e.g. ("kpop", "sd14")."""
-    path = resources.files("fasterase.presets") / f"{method}-{name}.yaml"
+def preset(method: str, name: str, package: str = "fasterase.presets") -> dict[str, Any]:
+    """The options of a packaged preset, e.g. ("kpop", "sd14"): `package`'s file METHOD-NAME.yaml
+    (an attack's: fasterase.attacks.presets)."""
+    folder = resources.files(package)
+    path = folder / f"{method}-{name}.yaml"
     if not path.is_file():
-        known = sorted(p.name[len(method) + 1 : -5] for p in resources.files("fasterase.presets").iterdir() if p.name.startswith(method + "-"))
+        known = sorted(p.name[len(method) + 1 : -5] for p in folder.iterdir() if p.name.startswith(method + "-") and p.name.endswith(".yaml"))
         raise UserError(f"no preset {name!r} for {method}; known: {', '.join(known) or 'none'}")
     return read_yaml(Path(str(path)))
 

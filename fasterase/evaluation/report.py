@@ -188,21 +188,56 @@ def format_table(result: dict) -> str:
     moved = result.get("quality", {}).get("preserved_drift", {})
     if "fid_clip" in moved:
         notes.append(f"preserved images moved (CLIP features): FID {moved['fid_clip']:.4g}, KID {moved['kid_clip']:.3g}")
+    notes += attack_notes(result)
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def attack_notes(result: dict) -> list[str]:
+    """One line per attack and erased concept of an evaluation (`evaluate --attack`)."""
+    return [
+        f"attack {printable(name, 20)} on {printable(concept, 40)}: recognised {o['asr']:.1%} (no attack {o['baseline']:.1%}, original {o['original']:.1%}; top-1)"
+        for concept, outcomes in result.get("attacks", {}).items()
+        for name, o in outcomes.items()
+    ]
 
 
 def format_comparison(comparison: dict) -> str:
     """Several edits' reports (`api.compare`) as one markdown table: a row per edit under the base
-    model's, with each look-alike's top-1 recognition in its own column."""
+    model's, with each look-alike's top-1 recognition in its own column, and with `--attack`, each
+    attack's ASR on each erased concept (the original's row: the concept's own top-1)."""
     edits = comparison["edits"]
     lookalikes = list(edits[0]["lookalikes"])
     first = edits[0]["lookalikes"]
-    rows = [("original", comparison["original"], {c: first[c]["original_top1"] for c in lookalikes})]
+    attacked = [(c, name) for c, outcomes in edits[0].get("attacks", {}).items() for name in outcomes]
+    extra = [f"{printable(c, 24)}" for c in lookalikes] + [f"{printable(name, 12)} ASR" + (f" ({printable(c, 12)})" if len(edits[0]["attacks"]) > 1 else "") for c, name in attacked]
+
+    def cells(values: dict, row: dict) -> list[str]:
+        return [f"{values[c]:.1%}" for c in lookalikes] + [_percent(row[c][name]) for c, name in attacked]
+
+    original = {c: {name: o["original"] for name, o in outcomes.items()} for c, outcomes in edits[0].get("attacks", {}).items()}
+    rows = [("original", comparison["original"], {c: first[c]["original_top1"] for c in lookalikes}, original)]
     # an edit's method name is read from its file: shown without control characters
-    rows += [(printable(e["method"], 24), e, {c: e["lookalikes"][c]["edited_top1"] for c in lookalikes}) for e in edits]
-    lines = [_row(["", *SCORES.values(), *(printable(c, 24) for c in lookalikes)]), _row(["---"] * (1 + len(SCORES) + len(lookalikes)))]
-    for name, s, kept in rows:
-        lines.append(_row([name, *(_percent(s[k]) for k in SCORES), *(f"{kept[c]:.1%}" for c in lookalikes)]))
+    rows += [
+        (printable(e["method"], 24), e, {c: e["lookalikes"][c]["edited_top1"] for c in lookalikes},
+         {c: {name: o["asr"] for name, o in outcomes.items()} for c, outcomes in e.get("attacks", {}).items()})
+        for e in edits
+    ]
+    lines = [_row(["", *SCORES.values(), *extra]), _row(["---"] * (1 + len(SCORES) + len(extra)))]
+    for name, s, kept, asr in rows:
+        lines.append(_row([name, *(_percent(s[k]) for k in SCORES), *cells(kept, asr)]))
     if lookalikes:
         lines += ["", "look-alike columns: share of the look-alike's images still recognised (top-1)"]
+    if attacked:
+        lines += ["ASR columns: share of the attacked images recognised as the erased concept (top-1); original row: the concept's own"]
     return "\n".join(lines)
+
+
+def format_attacks(result: dict) -> str:
+    """An attack's result (`api.attack`) as a markdown table: per attack, and for a KPOP key, the
+    share of images recognised as the concept with the attack, without it (the same seeds) and
+    from the original model."""
+    lines = [_row(["", "with attack (ASR)", "no attack", "original"]), _row(["---"] * 4)]
+    rows = list(result["attacks"].items()) + ([("key (the owner's)", result["key"])] if "key" in result else [])
+    for name, outcome in rows:
+        lines.append(_row([printable(name, 40), *(_percent(outcome[k]) for k in ("asr", "baseline", "original"))]))
+    return "\n".join(lines + ["", f"{printable(result['concept'], 40)}: {result['n']} images each, recognised top-1"])
