@@ -195,11 +195,16 @@ def _cmd_attack(args) -> int:
 
     bars: dict[str, tqdm] = {}
 
+    # each bar starts with its first update, so that bad input still gets one line
     def images(count: int) -> None:
-        bars.setdefault("images", tqdm(desc="images", unit="img", file=sys.stderr, dynamic_ncols=True)).update(count)
+        if "images" not in bars:
+            bars["images"] = tqdm(desc="images", unit="img", file=sys.stderr, dynamic_ncols=True)
+        bars["images"].update(count)
 
     def steps(step: int, total: int, losses: dict[str, float]) -> None:
-        bar = bars.setdefault("attack", tqdm(desc=args.attack or "attack", total=total, unit="step", file=sys.stderr, dynamic_ncols=True))
+        if "attack" not in bars:
+            bars["attack"] = tqdm(desc=args.attack, total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = bars["attack"]
         bar.update(step - bar.n)
         bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
 
