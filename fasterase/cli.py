@@ -341,6 +341,13 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _judge_options(p) -> None:
+    """The judge options of evaluate and attack."""
+    p.add_argument("--judge", help="what recognises the concepts: world (the built-in classifier; the default on the built-in model), clip:DIR (a local CLIP folder), nudenet, or module:Class of your own")
+    p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the evaluated concepts, one a line (e.g. Imagenette's ten classes)")
+    p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML), e.g. --judge-set threshold=0.5")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACK_CONFIGS
     from .methods import CONFIGS
@@ -395,9 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", "--count", dest="n", type=int, default=32, help="images per concept")
     p.add_argument("--grid", help="before/after PNG (default: beside the edit)")
     p.add_argument("--report", metavar="FILE", help="the report as JSON (default: beside the grid, FILE.json)")
-    p.add_argument("--judge", help="what recognises the concepts: world (the built-in classifier; the default on the built-in model), clip:DIR (a local CLIP folder), nudenet, or module:Class of your own")
-    p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the evaluated concepts, one a line (e.g. Imagenette's ten classes)")
-    p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML), e.g. --judge-set threshold=0.5")
+    _judge_options(p)
     p.add_argument("--clip", metavar="DIR", help="a local CLIP folder that scores quality (CLIP score of erased and preserved images, before and after); default: the clip judge's")
     p.add_argument("--prompts", metavar="FILE", help="a prompt set: .csv with a prompt column and optional seed, guidance, concept (as I2P publishes it), or text, one prompt a line; one image per prompt instead of --n per concept")
     p.add_argument("--attack", action="append", help=f"also attack the edit (repeat for several; each with its defaults; `fasterase attack` configures one): {', '.join(sorted(ATTACK_CONFIGS))}")
@@ -417,9 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", metavar="DIR", help=model_config_help)
     p.add_argument("--key", help="a KPOP edit's key: its own recovery, reported beside the attack")
     p.add_argument("--n", "--count", dest="n", type=int, default=32, help="images of the concept, with and without the attack")
-    p.add_argument("--judge", help="what recognises the concept (as for evaluate; default: the built-in world's classifier)")
-    p.add_argument("--candidates", metavar="FILE", help="labels the clip judge ranks besides the concept, one a line")
-    p.add_argument("--judge-set", action="append", default=[], metavar="OPTION=VALUE", help="any judge option (value read as YAML)")
+    _judge_options(p)
     p.add_argument("--out", help="the file of what the attack found, to replay (default: beside the edit, EDIT.attack-NAME.safetensors)")
     p.add_argument("--report", metavar="FILE", help="the result as JSON")
     _sampling_options(p)
