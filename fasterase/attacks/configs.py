@@ -81,7 +81,7 @@ class PromptAttackConfig(ImageAttackConfig):
     """UnlearnDiffAtk's prefix search (`fasterase.attacks.prompt`): the defaults suit the built-in
     world; the preset prompt-paper has the reference's settings (3 tokens, 50 timesteps x 40 steps)."""
 
-    prefix_tokens: int = option(3, "discrete tokens of the adversarial prefix put before each evaluation prompt", at_least=1)
+    prefix_tokens: int = option(1, "discrete tokens of the adversarial prefix put before each evaluation prompt", at_least=1)
     timesteps: int = option(10, "evenly spaced timesteps the search visits, in ascending order", at_least=1)
     steps_per_timestep: int = option(10, "steps at each of those timesteps (each draws one token per prefix position)", at_least=1)
     lr: float = option(0.01, "Adam learning rate of each prefix position's distribution over the vocabulary", positive=True)

@@ -33,7 +33,6 @@ their gradients meet in the same distribution.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 import torch
@@ -145,9 +144,6 @@ class PromptAttack(Attack):
 
         def step(i: int) -> dict[str, torch.Tensor]:
             t = timesteps[i // cfg.steps_per_timestep].expand(n)
-            if os.environ.get("RANDT"):
-                t = torch.randint(scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-            lat = latents if not os.environ.get("RANDIMG") else images.latents[torch.randint(len(images), (n,), generator=generator, device=device)]
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
             choice = SampledOneHot.apply(distributions, generator)  # (n, k, A)
             chosen_ids = candidates[choice.argmax(dim=-1)]
@@ -155,8 +151,8 @@ class PromptAttack(Attack):
                 prefix[0] = choice.to(table.dtype) @ table
             with prefix_embeddings(encoders, prefixes):
                 context = encode_ids(pipe, [torch.cat([body[:, :1], chosen_ids, body[:, 1:]], dim=1) for body in bodies])
-            pred = denoise(pipe.unet, scheduler.add_noise(lat, noise, t), t, context).float()
-            per_prompt = (pred - training_target(scheduler, lat, noise, t).float()).pow(2).mean(dim=(1, 2, 3))
+            pred = denoise(pipe.unet, scheduler.add_noise(latents, noise, t), t, context).float()
+            per_prompt = (pred - training_target(scheduler, latents, noise, t).float()).pow(2).mean(dim=(1, 2, 3))
             optimization.step(per_prompt.sum())
             with torch.no_grad():
                 distributions.copy_(project_to_simplex(distributions))
