@@ -39,16 +39,17 @@ def recognised(judge, images) -> int:
     return int(judge.recognised(images, "circle")[0].sum())
 
 
+@pytest.mark.slow
 def test_prefixes_bring_the_erased_circle_back(world):
     original, edited, judge = world
-    prompts = judge.prompts("circle", 8)
+    prompts = judge.prompts("circle", 16)
     sampling = SamplingConfig()
     plain = recognised(judge, generate(edited, prompts, sampling))
     found = find("prompt", attack_config("prompt"), edited, original, "circle", prompts)
     attacked = recognised(judge, generate(edited, found.prompts, sampling))
-    # Measured 4/8 attacked (3/8 and 4/8 with seeds 1 and 2), 0/8 without the attack; random
-    # one-word prefixes brought back 2 of 32.
-    assert plain == 0 and attacked >= 2, (plain, attacked, found.prompts)
+    # Measured 7/16 attacked (5/16 and 8/16 with seeds 1 and 2), 0/16 without the attack; random
+    # one-word prefixes on the same prompts brought back 2 of 32.
+    assert plain == 0 and attacked >= 4, (plain, attacked, found.prompts)
 
 
 def test_found_prompts_replay_the_optimised_tokens(world):
@@ -88,7 +89,10 @@ def test_runs_on_every_family(family_pipeline_dir):
     # one token sequence for every text encoder (SDXL's two share the vocabulary)
     for ids in prompt_ids(pipe, found.prompts):
         assert torch.equal(ids[:, 1:3].cpu(), torch.tensor(found.record["prefix_ids"]))
-    assert not any(p.requires_grad for name in family_of(pipe).text_encoders for p in getattr(pipe, name).parameters())
+    # the pipeline is left as it was: no hook on its text encoders, no weight taking gradients
+    encoders = [getattr(pipe, name) for name in family_of(pipe).text_encoders]
+    assert not any(e.get_input_embeddings()._forward_hooks for e in encoders)
+    assert not any(p.requires_grad for module in (pipe.unet, *encoders) for p in module.parameters())
 
 
 def test_candidates_are_whole_words_that_tokenize_back(world):

@@ -78,8 +78,10 @@ class InversionConfig(ImageAttackConfig):
 
 @dataclass
 class PromptAttackConfig(ImageAttackConfig):
-    """UnlearnDiffAtk's prefix search (`fasterase.attacks.prompt`): the defaults suit the built-in
-    world; the preset prompt-paper has the reference's settings (3 tokens, 50 timesteps x 40 steps)."""
+    """UnlearnDiffAtk's prefix search (`fasterase.attacks.prompt`). The defaults suit the built-in
+    world, where one word before the prompt brought an erased shape back far more often than three
+    (against UCE 7/16 images and 0/16, against CA 13/16 and 2/16); the preset prompt-paper has the
+    reference's settings (3 tokens, 50 timesteps x 40 steps)."""
 
     prefix_tokens: int = option(1, "discrete tokens of the adversarial prefix put before each evaluation prompt", at_least=1)
     timesteps: int = option(10, "evenly spaced timesteps the search visits, in ascending order", at_least=1)

@@ -13,7 +13,9 @@ distribution, embeds the one-hot choice through the text encoders' token tables 
 edited model's denoising loss (MSE to the noise, or the scheduler's target) on the prompt's image
 of the concept, noised at the step's timestep. The gradient with respect to the one-hot choice
 goes straight through to the distribution (clipped to [-1, 1]); Adam with weight decay updates it
-and a Euclidean projection puts it back on the simplex. The timesteps are `timesteps` evenly spaced
+and a Euclidean projection puts it back on the simplex. (The reference relaxes the choice of a
+token, not its vector: no continuous embedding is projected onto its nearest token, as in PEZ.)
+The timesteps are `timesteps` evenly spaced
 ones, visited in ascending order, `steps_per_timestep` steps each. At the end each position takes
 its most probable token. The reference stops a prompt's search at the first timestep whose prefix
 makes the judge recognise the concept; an attack here has no judge, so every prompt runs the
@@ -28,6 +30,9 @@ Tokens: the candidates are the tokens that, written as text alone, tokenize back
 found prompts are plain text that replays exactly, on any model with the same tokenizer. On SDXL
 one discrete token sequence is embedded in both text encoders (they share one vocabulary) and
 their gradients meet in the same distribution.
+
+Precision: the distributions, the one-hot choices and the loss are float32 and the loss is not
+scaled, so a pipeline loaded in float16 may lose the smallest gradients in its backward pass.
 """
 
 from __future__ import annotations
@@ -84,21 +89,22 @@ class SampledOneHot(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def prefix_embeddings(encoders: list, prefixes: list[list[torch.Tensor]]) -> Iterator[None]:
-    """A block in which each text encoder's input embeddings put `prefixes[e][0]` (N, k, d_e) at
-    positions 1 .. k, right after the start token. The values are the embeddings of the prefix's
-    tokens already there; only the gradient path is new. `prefixes[e]` is a one-item list the
-    caller refills every step."""
+def prefix_embeddings(encoders: list) -> Iterator[list]:
+    """A block in which each text encoder's input embeddings put a prefix's vectors at positions
+    1 .. k, right after the start token. It yields one slot per encoder, which the caller fills
+    with each step's (N, k, d_e) vectors: the embeddings of the tokens already at those positions,
+    so only the gradient path is new."""
+    slots: list = [None] * len(encoders)
     hooks = []
-    for encoder, prefix in zip(encoders, prefixes):
+    for e, encoder in enumerate(encoders):
 
-        def substitute(module, args, out, prefix=prefix):
-            vectors = prefix[0].to(out.dtype)
+        def substitute(module, args, out, e=e):
+            vectors = slots[e].to(out.dtype)
             return torch.cat([out[:, :1], vectors, out[:, 1 + vectors.shape[1] :]], dim=1)
 
         hooks.append(encoder.get_input_embeddings().register_forward_hook(substitute))
     try:
-        yield
+        yield slots
     finally:
         for hook in hooks:
             hook.remove()
@@ -140,17 +146,14 @@ class PromptAttack(Attack):
 
         distributions = nn.Parameter(torch.full((n, k, len(candidates)), 1 / len(candidates), device=device))
         optimization = Optimization([distributions], device, "float32", torch.optim.Adam, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        prefixes = [[None] for _ in encoders]
 
         def step(i: int) -> dict[str, torch.Tensor]:
             t = timesteps[i // cfg.steps_per_timestep].expand(n)
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
             choice = SampledOneHot.apply(distributions, generator)  # (n, k, A)
             chosen_ids = candidates[choice.argmax(dim=-1)]
-            for prefix, table in zip(prefixes, tables):
-                prefix[0] = choice.to(table.dtype) @ table
-            with prefix_embeddings(encoders, prefixes):
-                context = encode_ids(pipe, [torch.cat([body[:, :1], chosen_ids, body[:, 1:]], dim=1) for body in bodies])
+            prefix_vectors[:] = [choice.to(table.dtype) @ table for table in tables]
+            context = encode_ids(pipe, [torch.cat([body[:, :1], chosen_ids, body[:, 1:]], dim=1) for body in bodies])
             pred = denoise(pipe.unet, scheduler.add_noise(latents, noise, t), t, context).float()
             per_prompt = (pred - training_target(scheduler, latents, noise, t).float()).pow(2).mean(dim=(1, 2, 3))
             optimization.step(per_prompt.sum())
@@ -158,7 +161,8 @@ class PromptAttack(Attack):
                 distributions.copy_(project_to_simplex(distributions))
             return {"loss": per_prompt.mean().detach()}
 
-        run_steps(step, cfg.timesteps * cfg.steps_per_timestep, cfg.log_every, progress)
+        with prefix_embeddings(encoders) as prefix_vectors:
+            run_steps(step, cfg.timesteps * cfg.steps_per_timestep, cfg.log_every, progress)
         prefix_ids = candidates[distributions.detach().argmax(dim=-1)].tolist()
         words = [" ".join(tokenizers[0].decode([i]) for i in ids) for ids in prefix_ids]
         record = {"prefix_ids": prefix_ids, "prefixes": words}
