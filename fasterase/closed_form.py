@@ -211,6 +211,12 @@ def load_gram(path: str | os.PathLike, pipe) -> PreservationGram:
     return PreservationGram(gram_tensor.to(torch.float64), *counts, values["text_encoder"], values["model"])
 
 
+def preserved_prompts(cfg) -> list[str]:
+    """The prompts a closed form keeps (UCE, MACE): the empty prompt, classifier-free guidance's
+    unconditional branch (with `preserve_empty`), and every preserved concept in every template."""
+    return [""] * cfg.preserve_empty + [t.format(p) for p in cfg.preserve for t in cfg.templates]
+
+
 def weighted_grams(entries: list[tuple[str, float]], pipe) -> torch.Tensor | None:
     """sum w G over the preservation Grams at the (path, weight) entries (each refused unless made
     with `pipe`'s text encoder), float64 on pipe's device; None for no entries."""

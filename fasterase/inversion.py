@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from .concept_images import ConceptImages, uniform_timesteps
 from .errors import UserError
+from .methods import Progress
 from .methods.training import Optimization, autocast, run_steps
 from .models.family import Conditioning, denoise, encode_ids, family_of, noise_scheduler, prompt_ids, training_target
 
@@ -117,7 +118,7 @@ def learn_words(
     seed: int = 0,
     dtype: str = "float32",
     log_every: int = 10,
-    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Textual inversion: learns `inverted`'s vectors so that the frozen pipeline denoises each
     concept's images from `prompts` (concept-major, the same number per concept, naming the concept

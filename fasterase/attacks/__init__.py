@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from ..config import make_config, preset as load_preset
 from ..errors import UserError, first_line, shown
+from ..methods import Progress
 from .configs import AttackConfig, InversionConfig, PromptAttackConfig, RingABellConfig
 
 if TYPE_CHECKING:
@@ -33,10 +34,6 @@ FOUND_FORMAT = "fasterase-attack"
 # and registers it (`register`) when imported.
 ATTACK_CONFIGS: dict[str, type[AttackConfig]] = {"inversion": InversionConfig, "prompt": PromptAttackConfig, "ringabell": RingABellConfig}
 ATTACKS: dict[str, type["Attack"]] = {}
-
-# Called as progress(step, total, losses) every few steps; losses are Python floats.
-Progress = Callable[[int, int, dict[str, float]], None]
-
 
 @dataclass
 class AttackTarget:

@@ -4,6 +4,8 @@ plain prompts from the same seeds (the baseline) and the original model's."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..concept_images import ConceptImages, concept_images
@@ -33,13 +35,11 @@ def image_templates(concept: str, prompts: list[str]) -> list[str]:
 def concept_images_for(original, concept: str, prompts: list[str], cfg: AttackConfig):
     """A function that gives the concept's images (a folder, or drawn by the original model), drawn
     on the first call only: attacks that need no images draw none."""
-    drawn: list[ConceptImages] = []
 
+    @functools.cache
     def images() -> ConceptImages:
-        if not drawn:
-            sampling = SamplingConfig(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed + ATTACK_IMAGE_SEED)
-            drawn.append(concept_images(original, [concept], cfg.images, "", count=cfg.image_count, templates=image_templates(concept, prompts), sampling=sampling))
-        return drawn[0]
+        sampling = SamplingConfig(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed + ATTACK_IMAGE_SEED)
+        return concept_images(original, [concept], cfg.images, "", count=cfg.image_count, templates=image_templates(concept, prompts), sampling=sampling)
 
     return images
 

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionCapture, capture_processors
-from ..closed_form import RidgeGrams, edit_weights, gram, mapping_matrix, prompt_gram, weighted_grams
+from ..closed_form import RidgeGrams, edit_weights, gram, mapping_matrix, preserved_prompts, prompt_gram, weighted_grams
 from ..concept_images import ConceptImages, concept_images
 from ..distributed import all_gather, ranks
 from ..errors import UserError
@@ -163,7 +163,7 @@ class MACE(Method):
             context = encode(pipe, prompts)
             states = context.states  # what cross-attention reads: the closed forms solve over it
             # P: the preserved prompts' and caches' tokens, before preserve_scale
-            kept = [""] * cfg.preserve_empty + [t.format(p) for p in cfg.preserve for t in cfg.templates]
+            kept = preserved_prompts(cfg)
             preserved = prompt_gram(pipe, kept) if kept else torch.zeros(states.shape[-1], states.shape[-1], dtype=torch.float64, device=device)
             if cached is not None:
                 preserved += cached

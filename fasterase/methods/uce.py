@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ..closed_form import RidgeGrams, edit_weights, gram, mapping_fit, mapping_matrix, weighted_grams
+from ..closed_form import RidgeGrams, edit_weights, gram, mapping_fit, mapping_matrix, preserved_prompts, weighted_grams
 from ..models.family import context_width
 from ..models.text import encode_prompts
 from ..models.token_pairs import UCE_PAIRINGS
@@ -60,7 +60,7 @@ class UCE(Method):
             pairs = pairing.edited(tokenizer, prompts, concepts, guide_prompts)
             sources, targets = pairs.states(encode_prompts(pipe, prompts), encode_prompts(pipe, guide_prompts))
             grams.add_edit(sources, targets, sources.new_full(sources.shape[:1], cfg.erase_scale))
-        preserved = [""] * cfg.preserve_empty + [t.format(p) for p in cfg.preserve for t in cfg.templates]
+        preserved = preserved_prompts(cfg)
         scale = max(0.1, 1 / len(preserved)) if cfg.preserve_scale_by_count and preserved else cfg.preserve_scale
         for start in range(0, len(preserved), cfg.batch_size):
             batch = preserved[start : start + cfg.batch_size]
