@@ -1,9 +1,9 @@
 """fasterase's attention and solver ops, each with a plain-PyTorch reference, behind one dispatcher.
 
-Backends: `torch` (the reference, runs everywhere), `triton`, `cuda` (the compiled extension).
-`auto` picks the first backend that can run the given inputs; a forced backend that cannot run
-raises `BackendUnavailable` with its reasons. `backend_for` maps a run-wide choice onto an op
-(ops not written in the chosen backend run the reference).
+Backends: `torch` (runs everywhere: PyTorch's fused attention, the reference where statistics are
+captured), `triton`, `cuda` (the compiled extension). `auto` picks the first backend that can run
+the given inputs; a forced backend that cannot run raises `BackendUnavailable` with its reasons.
+`backend_for` maps a run-wide choice onto an op (ops not written in the chosen backend run torch).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 from fasterase.errors import UserError
 from fasterase.names import BACKEND_NAMES
 
-from .reference import cross_attention_reference
+from .cross_attention_torch import cross_attention_torch
 from .ridge_solve import ridge_solve_cuda, ridge_solve_reference
 
 
@@ -29,7 +29,7 @@ def _cross_attention_triton(*args):
 # op name -> backend name -> implementation; an op missing from a backend is not written in it.
 # A "cuda" implementation calls the op fasterase::<op name> that the extension (csrc/) registers.
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
-    "cross_attention": {"torch": cross_attention_reference, "triton": _cross_attention_triton},
+    "cross_attention": {"torch": cross_attention_torch, "triton": _cross_attention_triton},
     "ridge_solve": {"torch": ridge_solve_reference, "cuda": ridge_solve_cuda},
 }
 
@@ -107,11 +107,11 @@ def implementation(op: str, backend: str, example: torch.Tensor | None = None, i
 
 def backend_for(op: str, backend: str) -> str:
     """The backend that a run-wide choice (a method's `backend`, the CLI's --backend) gives `op`:
-    the choice itself where `op` has an implementation in it, else the torch reference.
+    the choice itself where `op` has an implementation in it, else torch.
 
     A forced backend picks the implementation of the ops written in it; an op it lacks by design
     (no Triton Cholesky for ridge_solve, no CUDA C++ cross_attention yet) is not a reason to refuse
-    the run, so it runs the reference. Whether the chosen implementation can run the inputs is
+    the run, so it runs on torch. Whether the chosen implementation can run the inputs is
     still checked when the op is called: a backend that cannot run there raises, as before.
     """
     if backend == "auto" or backend in _IMPLEMENTATIONS[op]:
