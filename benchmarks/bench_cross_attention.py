@@ -1,4 +1,5 @@
-"""cross_attention with capture on every SD1.x cross-attention layer shape, fp16, one H200-sized run.
+"""cross_attention with capture on every SD1.x cross-attention layer shape: fp16 on a GPU (an
+H200-sized run), float32 and batch 1 on a CPU.
 
 Providers, all in the same run:
 - triton: ours, output + capture statistics (all 77 text columns), no attention matrix stored;
@@ -8,8 +9,9 @@ Providers, all in the same run:
 - onehot: SDPA with W one-hot columns appended to V, so the probabilities of the W watched tokens
   come out as W extra output columns (the usual trick to get them without the matrix).
 Modes: fwd (inputs without grad) and fwd+bwd (loss = <out, g> + watched_sq, gradients to q, k, v,
-and the prompt). Timing: plain (one step, then synchronise) and graph (GRAPH_STEPS steps captured
-in one CUDA graph, replayed, then synchronise). extra_info: per-step time, peak memory of one eager
+and the prompt). Timing: plain (one step, then synchronise) and, on CUDA, graph (GRAPH_STEPS steps
+captured in one CUDA graph, replayed, then synchronise). On a CPU triton does not run (its
+kernels are compiled for CUDA; the interpreter is for tests, not timing). extra_info: per-step time, peak memory of one eager
 step, and the speed-up against every provider measured before this one for the same case (the
 providers run in the order torch, sdpa, onehot, triton).
 """
@@ -21,30 +23,32 @@ import torch
 import torch.nn.functional as F
 
 from fasterase.kernels import Capture, cross_attention, cross_attention_reference
+from measure import CUDA, DEVICE, peak_bytes, synchronize
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="the cross-attention benchmarks need a CUDA GPU"),
-    pytest.mark.usefixtures("record_result"),
-]
+pytestmark = pytest.mark.usefixtures("record_result")
 
 HEADS, TEXT, WATCHED = 8, 77, 8
 LAYERS = {"4096x40": (4096, 40), "1024x80": (1024, 80), "256x160": (256, 160), "64x160": (64, 160)}
 PROMPTS = {"text": 0, "text+prompt": 770}
 PROVIDERS = ("torch", "sdpa", "onehot", "triton")
-ROUNDS, WARMUP, GRAPH_STEPS = 20, 3, 10
+BATCHES = [1, 2, 8] if CUDA else [1]
+TIMINGS = ["plain", "graph"] if CUDA else ["plain"]
+DTYPE = torch.float16 if CUDA else torch.float32
+# warm-up calls compile the Triton kernels before any capture or timing; nothing compiles on a CPU
+ROUNDS, WARMUP, GRAPH_STEPS = (20, 3, 10) if CUDA else (5, 1, 1)
 
 # (case, provider) -> seconds per step, so later providers report their speed-up over earlier ones.
 _STEP_SECONDS: dict[tuple, float] = {}
 
 
 def make_inputs(batch: int, queries: int, dim: int, prompt: int, grad: bool):
-    """fp16 tensors in the layout diffusers' processors give the op: head-split views of (B, M, H*D)."""
+    """Tensors in the layout diffusers' processors give the op: head-split views of (B, M, H*D)."""
     def heads(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.float16).transpose(-3, -2).requires_grad_(grad)
+        return torch.randn(*shape, device=DEVICE, dtype=DTYPE).transpose(-3, -2).requires_grad_(grad)
 
     q, k, v = heads(batch, queries, HEADS, dim), heads(batch, TEXT, HEADS, dim), heads(batch, TEXT, HEADS, dim)
     pk, pv = (heads(prompt, HEADS, dim), heads(prompt, HEADS, dim)) if prompt else (None, None)
-    columns = torch.zeros(batch, TEXT, dtype=torch.bool, device="cuda")
+    columns = torch.zeros(batch, TEXT, dtype=torch.bool, device=DEVICE)
     columns[:, 2 : 2 + WATCHED] = True
     return q, k, v, pk, pv, columns
 
@@ -104,29 +108,21 @@ def graph_of(step, repeats: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def peak_bytes(step) -> int:
-    """Peak memory one eager step allocates above what is already allocated."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("timing", ["plain", "graph"])
+@pytest.mark.parametrize("timing", TIMINGS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("prompt", list(PROMPTS))
-@pytest.mark.parametrize("batch", [1, 2, 8])
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_cross_attention(benchmark, layer, batch, prompt, mode, timing, provider):
+    if provider == "triton" and not CUDA:
+        pytest.skip("the Triton kernels are timed on CUDA only (on a CPU only the interpreter runs them, for tests)")
     queries, dim = LAYERS[layer]
     tensors = make_inputs(batch, queries, dim, PROMPTS[prompt], grad=mode == "fwd+bwd")
     step = attention_step(provider, mode, *tensors)
     context = torch.no_grad() if mode == "fwd" else torch.enable_grad()
     with context:
-        for _ in range(WARMUP):  # compiles the kernels before any capture or timing
+        for _ in range(WARMUP):
             step()
         memory = peak_bytes(step)
         if timing == "graph":
@@ -141,7 +137,7 @@ def test_cross_attention(benchmark, layer, batch, prompt, mode, timing, provider
 
             def timed():
                 step()
-                torch.cuda.synchronize()
+                synchronize()
 
         benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable: ran once, untimed
@@ -151,8 +147,8 @@ def test_cross_attention(benchmark, layer, batch, prompt, mode, timing, provider
     _STEP_SECONDS[case, provider] = seconds
     benchmark.extra_info.update({
         "batch": batch, "heads": HEADS, "queries": queries, "head_dim": dim, "text_keys": TEXT,
-        "prompt_keys": PROMPTS[prompt], "watched": WATCHED, "dtype": "float16",
-        "steps_per_call": steps, "step_us": seconds * 1e6, "peak_mb": memory / 2**20,
+        "prompt_keys": PROMPTS[prompt], "watched": WATCHED, "dtype": str(DTYPE).removeprefix("torch."),
+        "steps_per_call": steps, "step_us": seconds * 1e6, "peak_mb": None if memory is None else memory / 2**20,
         **{f"speedup_vs_{other}": _STEP_SECONDS[case, other] / seconds
            for other in PROVIDERS[: PROVIDERS.index(provider)] if (case, other) in _STEP_SECONDS},
     })
