@@ -1,13 +1,15 @@
 """Shared by every benchmarks/bench_<op>.py: collects those files (pytest's default pattern is
 test_*.py), and records results: the fixture `record_result` adds the test's row to its module's
 results, and at the end of the session each module's rows go to one JSON file,
-benchmarks/results/<op>-<gpu>-<date>.json (<op>: the module's name without "bench_"), with the
-GPU, the library versions and the date.
+benchmarks/results/<op>-<gpu or cpu>-<date>.json (<op>: the module's name without "bench_"),
+with the GPU, the library versions and the date.
 
 A row is the benchmark's parameters, its `benchmark.extra_info` (ratios, peak memory, shapes: what
 the module puts there) and its timing statistics in seconds. A module opts in with
 `pytestmark = pytest.mark.usefixtures("record_result")` (or by requesting the fixture); a skipped,
 failed or `--benchmark-disable`d benchmark leaves no row.
+
+`--methods-scale` (the fixture `methods_scale`) says how much work bench_methods.py's erasures do.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 _TIMING_FIELDS = ("min", "median", "mean", "stddev", "max", "rounds")
 _ROWS: dict[str, list[dict]] = defaultdict(list)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--methods-scale", choices=("smoke", "quick", "full"), default=None,
+        help="bench_methods.py: how much work each erasure does (default: smoke with --benchmark-disable, else full)",
+    )
+
+
+@pytest.fixture(scope="session")
+def methods_scale(request) -> str:
+    scale = request.config.getoption("--methods-scale")
+    if scale is None:
+        scale = "smoke" if request.config.getoption("benchmark_disable") else "full"
+    return scale
 
 
 def pytest_collect_file(parent, file_path):
