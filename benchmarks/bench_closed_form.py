@@ -34,7 +34,7 @@ import torch
 from fasterase.closed_form import RidgeGrams, edit_weights, gram, mapping_matrix
 from fasterase.kernels import backend_status
 from fasterase.lora import fuse_loras, merge_loras
-from measure import CUDA, DEVICE, median_seconds, peak_bytes, synchronize
+from measure import CUDA, DEVICE, median_seconds, megabytes, peak_bytes, synchronize
 
 pytestmark = pytest.mark.usefixtures("record_result")
 
@@ -111,10 +111,6 @@ def median_ms(fn, runs: int, smoke: bool) -> tuple[float, int | None] | None:
         fn()
         return None
     return median_seconds(fn, runs) * 1e3, peak_bytes(fn)
-
-
-def megabytes(size: int | None) -> float | None:
-    return None if size is None else round(size / 2**20, 1)
 
 
 def record(benchmark, kind: str, params: dict, ours_fn, reference: tuple[float, int], target: str, met) -> None:

@@ -40,7 +40,7 @@ from fasterase.models.family import family_of
 from fasterase.models.fingerprint import fingerprints
 from fasterase.models.loading import load_pipeline, model_name
 from fasterase.toyworld.world import EMBLEMS
-from measure import DEVICE, measured
+from measure import DEVICE, measured, megabytes
 from reference_attention_methods import reference_fmn, reference_mace, reference_uce
 from reference_trajectory_methods import reference_ca, reference_esd, reference_kpop
 
@@ -132,17 +132,12 @@ def erasure(run_method) -> Run:
     return Run(tensors, seconds, peak, rows)
 
 
-def write_edit(path: Path, method: str, cfg, tensors: dict[str, torch.Tensor]) -> Path:
-    """The edit `fasterase erase` would write for these tensors (no key)."""
-    pipe = load_pipeline(None)
-    base = fingerprints(pipe, family_of(pipe).components())
+def write_edit(path: Path, method: str, cfg, tensors: dict[str, torch.Tensor], base: dict) -> Path:
+    """The edit `fasterase erase` would write for these tensors (no key), bound as erase binds
+    it (`base`: the built-in model's fingerprints)."""
     metadata = EditMetadata(method=method, concepts=list(cfg.concepts), config=cfg.to_dict(), base_fingerprints=bound_fingerprints(base, tensors), base_model=model_name(None))
     save_edit(path, Edit({name: value.cpu() for name, value in tensors.items()}, metadata))
     return path
-
-
-def megabytes(size: int | None) -> float | None:
-    return None if size is None else round(size / 2**20, 1)
 
 
 def ratio(reference: float | None, ours: float | None) -> float | None:
@@ -158,8 +153,10 @@ def test_method_against_reference(benchmark, methods_scale, case, tmp_path):
     assert set(reference.tensors) == set(ours.tensors), "both edits change the same tensors"
 
     n, steps = EVALUATION[methods_scale]
+    pipe = load_pipeline(None)
+    base = fingerprints(pipe, family_of(pipe).components())
     result = compare(
-        [write_edit(tmp_path / "ours.safetensors", method, cfg, ours.tensors), write_edit(tmp_path / "reference.safetensors", method, cfg, reference.tensors)],
+        [write_edit(tmp_path / f"{side}.safetensors", method, cfg, run.tensors, base) for side, run in (("ours", ours), ("reference", reference))],
         n=n, sampling=SamplingConfig(steps=steps),
     )
     quality = {side: {score: result["edits"][i][score] for score in ("esr1", "psr1")} for i, side in enumerate(("ours", "reference"))}

@@ -78,3 +78,8 @@ def measured(fn: Callable[[], T]) -> tuple[T, float, int | None]:
 def peak_bytes(fn: Callable[[], object]) -> int | None:
     """The peak memory one call of `fn` takes above what was in use before it."""
     return measured(fn)[2]
+
+
+def megabytes(size: int | None) -> float | None:
+    """A peak in MiB for the results files (None where it could not be measured)."""
+    return None if size is None else round(size / 2**20, 1)
