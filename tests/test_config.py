@@ -90,9 +90,9 @@ def test_bools_rejected_for_numbers():
 
 
 def test_ints_accepted_for_floats():
-    cfg = make_config(KPOPConfig, {"lr": 1, "prompt_weight": 0, "guidance": 7})
+    cfg = make_config(KPOPConfig, {"lr": 1, "prompt_weight": 1, "guidance": 7})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.prompt_weight == 0.0 and isinstance(cfg.prompt_weight, float)
+    assert cfg.prompt_weight == 1.0 and isinstance(cfg.prompt_weight, float)
     assert cfg.guidance == 7.0 and isinstance(cfg.guidance, float)
 
 

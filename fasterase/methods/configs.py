@@ -213,7 +213,7 @@ class KPOPConfig(TrajectoryConfig):
     # 2x2x128: a prompt there recovered only 25-69% of the erased shape, against 88% from all layers.
     inject: str = option("all", "cross-attention layers that see the prompt: mid, mid_up or all")
     trainable: str = option("cross_attention", "cross_attention, cross_attention_kv (key/value projections only), or non_cross_attention (for concepts like nudity)")
-    prompt_weight: float = option(0.1, "lambda: weight of keeping the concept with the prompt, in the removal step")
+    prompt_weight: float = option(0.1, "lambda: weight of keeping the concept with the prompt, in the removal step (the prompt learns through this term)", positive=True)
     negative_guidance: float = option(0.5, "eta: the removal target is eps(c_n) - eta (eps(c_e) - eps(c_n)), past the neutral prompt away from the concept (see above); 0 is the paper's")
     neutral_weight: float = option(0.0, "weight of keeping the neutral prompt's own prediction in the removal step")
     lr: float = option(2e-3, "Adam learning rate of the model (the paper's 1e-5 is for SD; preset sd14)", positive=True)

@@ -1,7 +1,7 @@
 """KPOP: hiding a concept behind a learnable prompt in cross-attention (Bui et al., 2024).
 
 A prompt p is injected into chosen cross-attention layers. Each iteration makes two one-step
-updates:
+updates, both from the same forward:
 - knowledge transfer (p only): the current model with p reproduces the original model on the
   erased concept, ||eps'(x_t, c_e, p) - eps(x_t, c_e)||^2;
 - knowledge removal (model only): without p the concept maps to a neutral one, with p it is kept,
@@ -42,6 +42,10 @@ from .training import (
     trajectory_prompts, uniform_schedule,
 )
 
+# torch's Adam default, which the prompt's group scales by lambda (see `erase`)
+ADAM_EPS = 1e-8
+
+
 @register
 class KPOP(Method):
     name = "kpop"
@@ -64,10 +68,12 @@ class KPOP(Method):
         # The prompt lives in the text-state space that cross-attention reads (2048 wide on SDXL).
         prompt = LearnedPrompt(cfg.prompt_mode, *self._prompt_shape(cfg, context.states), init=self._prompt_init(cfg, context.states)).to(device)
         params = select_parameters(unet, cfg.trainable)
-        # Two optimizations, each of its own tensors' gradients: the transfer step moves the prompt
-        # alone, the removal step the model alone.
-        model_opt = Optimization(params.values(), device, cfg.dtype, lr=cfg.lr)
-        prompt_opt = Optimization(prompt.parameters(), device, cfg.dtype, lr=cfg.prompt_lr)
+        # One forward and one backward make both updates: the transfer loss is the removal loss's
+        # prompted term, and the prompt enters the removal loss through lambda * transfer alone, so
+        # its gradient there is lambda times the transfer's. Adam with eps scaled by lambda takes
+        # from it exactly the step that the transfer's own gradient would give.
+        groups = [{"params": list(params.values())}, {"params": list(prompt.parameters()), "lr": cfg.prompt_lr, "eps": ADAM_EPS * cfg.prompt_weight}]
+        optimization = Optimization(groups, device, cfg.dtype, lr=cfg.lr, eps=ADAM_EPS)
         # Which bank entries each step uses, drawn up front (no sampling inside the step):
         # batch_size entries of every erased concept, so that a step carries all of them.
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -83,23 +89,21 @@ class KPOP(Method):
         def step(i: int) -> dict[str, torch.Tensor]:
             idx, k = schedule[i], keep_schedule[i]
             x, t, c = bank_e.latents[idx], bank_e.timesteps[idx], context[bank_e.prompt_index[idx]]
-            with mixed_precision, prompt.active(0):
-                transfer = mse(denoise(unet, x, t, c).float(), target_e[idx])
-            prompt_opt.step(transfer, only_own=True)
-            # One forward carries every removal term: erased, neutral (when kept) and preserved
-            # items without the prompt, then the erased items again with it.
+            # One forward carries every term: erased, neutral (when kept) and preserved items
+            # without the prompt, then the erased items again with it.
             neutral = [(x, t, context_n[bank_e.prompt_index[idx]])] if neutral_size else []
             parts = [(x, t, c)] + neutral + ([keep.inputs(k)] if keep else []) + [(x, t, c)]
             xs, ts, cs = join_inputs(parts)
             with mixed_precision, prompt.active(size + neutral_size + keep_size):
                 pred = denoise(unet, xs, ts, cs).float()
             erased_pred, neutral_pred, kept_pred, prompted_pred = pred.split([size, neutral_size, keep_size, size])
-            removal = mse(erased_pred, target_r[idx]) + lam * mse(prompted_pred, target_e[idx])
+            transfer = mse(prompted_pred, target_e[idx])
+            removal = mse(erased_pred, target_r[idx]) + lam * transfer
             if cfg.neutral_weight:
                 removal = removal + cfg.neutral_weight * mse(neutral_pred, target_n[idx])
             if keep is not None:
                 removal = removal + cfg.preserve_weight * mse(kept_pred, keep.target[k])
-            model_opt.step(removal, only_own=True)
+            optimization.step(removal)
             return {"transfer": transfer.detach(), "removal": removal.detach()}
 
         with trainable(params), prompt_processors(unet, prompt, cfg.inject, cfg.op_backend("cross_attention")):

@@ -87,9 +87,11 @@ class Optimization:
     on the device, with no host synchronisation). Elsewhere it is the plain optimizer."""
 
     def __init__(self, params, device: torch.device, dtype: str, optimizer: type = torch.optim.Adam, **options):
+        """params: tensors, or param groups (dicts with their own options), as torch's optimizers take."""
         cuda = device.type == "cuda"
-        self.params = list(params)
-        self.optimizer = optimizer(self.params, fused=True, **options) if cuda else optimizer(self.params, **options)
+        params = list(params)
+        self.optimizer = optimizer(params, fused=True, **options) if cuda else optimizer(params, **options)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cuda and dtype == "float16")
         self.reached: set[int] = set()  # ids of the tensors a loss has reached (that have had a gradient)
 
@@ -97,16 +99,10 @@ class Optimization:
         """Those of `params` that some step's loss depended on: the others are left as they were."""
         return {name: p for name, p in params.items() if id(p) in self.reached}
 
-    def step(self, loss: torch.Tensor, only_own: bool = False) -> None:
-        """One update on `loss`. With only_own, the gradients of this optimizer's tensors alone are
-        computed (the loss may depend on other trainable tensors that another optimizer updates)."""
-        scaled = self.scaler.scale(loss)
-        if only_own:
-            for p, grad in zip(self.params, torch.autograd.grad(scaled, self.params)):
-                p.grad = grad
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            scaled.backward()
+    def step(self, loss: torch.Tensor) -> None:
+        """One update on `loss`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
         self.reached.update(id(p) for p in self.params if p.grad is not None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
