@@ -4,8 +4,9 @@ The reference algorithms (`reference_trajectory_methods.py`: ESD, KPOP, CA;
 `reference_attention_methods.py`: FMN, MACE, UCE) run each method's loop as its official code
 does (batch 1, one concept at a time, targets recomputed every step, ESD's trajectories sampled
 per iteration, attention maps stored, torch.inverse per layer) on the same model with the same
-config. Each case erases `circle` (MACE also ten emblems) both ways from a freshly loaded
-pipeline and records, in extra_info and benchmarks/results/methods-<gpu or cpu>-<date>.json:
+config; FMN and MACE both read one folder of the concepts' images, drawn by the base model
+beforehand (as the official code reads images prepared beforehand). Each case erases `circle`
+(MACE also ten emblems) both ways from a freshly loaded pipeline and records, in extra_info and benchmarks/results/methods-<gpu or cpu>-<date>.json:
 - wall time and peak memory of each erasure (model loading excluded), and their ratios;
 - the UNet sample-evaluations of each: forward rows, and the rows of forwards that autograd
   records (each is differentiated: backward rows);
@@ -31,11 +32,14 @@ from typing import Iterator
 
 import pytest
 import torch
+from PIL import Image
 
 from fasterase.api import compare
 from fasterase.config import SamplingConfig
+from fasterase.evaluation.sampling import generate
 from fasterase.edits import Edit, EditMetadata, bound_fingerprints, save_edit
 from fasterase.methods import erase_config, get_method
+from fasterase.methods.configs import ImageMethodConfig
 from fasterase.models.family import family_of
 from fasterase.models.fingerprint import fingerprints
 from fasterase.models.loading import load_pipeline, model_name
@@ -132,6 +136,18 @@ def erasure(run_method) -> Run:
     return Run(tensors, seconds, peak, rows)
 
 
+def drawn_images(cfg: ImageMethodConfig, folder: Path) -> str:
+    """The concepts' images, drawn once by the base model as the method would draw them, in a
+    folder of one subfolder per concept. Both sides read it: the official FMN and MACE code read
+    images prepared beforehand, so drawing them is neither side's work."""
+    prompts = [cfg.templates[i % len(cfg.templates)].format(c) for c in cfg.concepts for i in range(cfg.image_count)]
+    for j, pixels in enumerate(generate(load_pipeline(None, device=DEVICE), prompts, cfg.sampling())):
+        concept = folder / cfg.concepts[j // cfg.image_count]
+        concept.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 255).round().astype("uint8")).save(concept / f"{j % cfg.image_count}.png")
+    return str(folder)
+
+
 def write_edit(path: Path, method: str, cfg, tensors: dict[str, torch.Tensor], base: dict) -> Path:
     """The edit `fasterase erase` would write for these tensors (no key), bound as erase binds
     it (`base`: the built-in model's fingerprints)."""
@@ -148,6 +164,8 @@ def ratio(reference: float | None, ours: float | None) -> float | None:
 def test_method_against_reference(benchmark, methods_scale, case, tmp_path):
     method, concepts, (min_speedup, min_rows, min_memory) = CASES[case]
     cfg = erase_config(method, concepts, **SCALES[methods_scale][method])
+    if isinstance(cfg, ImageMethodConfig) and not cfg.images:
+        cfg = dataclasses.replace(cfg, images=drawn_images(cfg, tmp_path / "images"))
     reference = erasure(lambda pipe: REFERENCES[method](pipe, cfg))
     ours = benchmark.pedantic(erasure, args=(lambda pipe: get_method(method)().erase(pipe, cfg).tensors,), rounds=1, iterations=1)
     assert set(reference.tensors) == set(ours.tensors), "both edits change the same tensors"

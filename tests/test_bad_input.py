@@ -444,8 +444,8 @@ def test_a_signal_during_training_writes_nothing(tiny_pipeline_dir, tmp_path, ca
 
     step = Optimization.step
 
-    def interrupted(self, loss, only_own=False):
-        step(self, loss, only_own)
+    def interrupted(self, loss):
+        step(self, loss)
         os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(Optimization, "step", interrupted)

@@ -190,8 +190,8 @@ def test_half_precision_trains_float32_masters(family_pipeline_dirs, method, mon
     step = Optimization.step
     dtypes = set()
 
-    def recorded(self, loss, only_own=False):
-        step(self, loss, only_own)
+    def recorded(self, loss):
+        step(self, loss)
         dtypes.update(p.dtype for p in self.params)
         dtypes.update(v.dtype for state in self.optimizer.state.values() for v in state.values() if v.is_floating_point() and v.dim())
 
