@@ -6,7 +6,8 @@ does (batch 1, one concept at a time, targets recomputed every step, ESD's traje
 per iteration, attention maps stored, torch.inverse per layer) on the same model with the same
 config; FMN and MACE both read one folder of the concepts' images, drawn by the base model
 beforehand (as the official code reads images prepared beforehand). Each case erases `circle`
-(MACE also ten emblems) both ways from a freshly loaded pipeline and records, in extra_info and benchmarks/results/methods-<gpu or cpu>-<date>.json:
+(MACE also ten emblems) both ways from a freshly loaded pipeline and records, in extra_info and
+benchmarks/results/methods-<gpu or cpu>-<date>.json:
 - wall time and peak memory of each erasure (model loading excluded), and their ratios;
 - the UNet sample-evaluations of each: forward rows, and the rows of forwards that autograd
   records (each is differentiated: backward rows);
@@ -36,8 +37,8 @@ from PIL import Image
 
 from fasterase.api import compare
 from fasterase.config import SamplingConfig
-from fasterase.evaluation.sampling import generate
 from fasterase.edits import Edit, EditMetadata, bound_fingerprints, save_edit
+from fasterase.evaluation.sampling import generate
 from fasterase.methods import erase_config, get_method
 from fasterase.methods.configs import ImageMethodConfig
 from fasterase.models.family import family_of
