@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from fasterase.api import compare
+from fasterase.concept_images import drawing_prompts
 from fasterase.config import SamplingConfig
 from fasterase.edits import Edit, EditMetadata, bound_fingerprints, save_edit
 from fasterase.evaluation.sampling import generate
@@ -141,7 +142,7 @@ def drawn_images(cfg: ImageMethodConfig, folder: Path) -> str:
     """The concepts' images, drawn once by the base model as the method would draw them, in a
     folder of one subfolder per concept. Both sides read it: the official FMN and MACE code read
     images prepared beforehand, so drawing them is neither side's work."""
-    prompts = [cfg.templates[i % len(cfg.templates)].format(c) for c in cfg.concepts for i in range(cfg.image_count)]
+    prompts = drawing_prompts(cfg.concepts, cfg.templates, cfg.image_count)
     for j, pixels in enumerate(generate(load_pipeline(None, device=DEVICE), prompts, cfg.sampling())):
         concept = folder / cfg.concepts[j // cfg.image_count]
         concept.mkdir(parents=True, exist_ok=True)

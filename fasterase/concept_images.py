@@ -96,7 +96,7 @@ def concept_images(
     if images:
         found = _from_folders(pipe, concepts, Path(images).expanduser(), Path(folder).expanduser() if folder else None)
     else:
-        prompts = [templates[i % len(templates)].format(concept) for concept in concepts for i in range(count)]
+        prompts = drawing_prompts(concepts, templates, count)
         # Each chunk of drawn images is encoded before the next is drawn: only latents are kept.
         latents = [encode_images(pipe, torch.from_numpy(pixels).permute(0, 3, 1, 2)) for pixels in generate_chunks(pipe, prompts, sampling)]
         found = ConceptImages(torch.cat(latents), torch.arange(len(concepts)).repeat_interleave(count).to(pipe.device))
@@ -105,6 +105,12 @@ def concept_images(
 
         found.masks = attention_masks(pipe, found, [t.format(c) for c in concepts for t in templates], concepts, seed=sampling.seed)
     return found
+
+
+def drawing_prompts(concepts: list[str], templates: tuple[str, ...] | list[str], count: int) -> list[str]:
+    """The prompts of the images drawn when no folder is given: `count` per concept, concept-major,
+    templates in turn."""
+    return [templates[i % len(templates)].format(concept) for concept in concepts for i in range(count)]
 
 
 @torch.no_grad()
