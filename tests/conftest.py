@@ -62,6 +62,27 @@ def family_pipeline_dir(request, family_pipeline_dirs):
     return family_pipeline_dirs(request.param)
 
 
+@pytest.fixture(scope="session")
+def world_sampling():
+    """How the tests that evaluate erasures on the built-in world draw: 10 DDIM steps instead of
+    the default 25, in 40% of the time, with the same results. Measured: the base model drew 16 of
+    16 of each shape in both, and its emblems (4 each) 85% and 93% (first and last fifty) in 25,
+    84.5% and 93.5% in 10; KPOP's circle edit scored ESR-1 1.0, PSR-1 0.990, and its key brought
+    back 14 of 16 circles, in both. An edit is still compared with its base drawn the same way."""
+    from fasterase.config import SamplingConfig
+
+    return SamplingConfig(steps=10)
+
+
+@pytest.fixture(scope="session")
+def kpop_circle(tmp_path_factory):
+    """KPOP's default erasure of the circle from the built-in model (its summary: edit and key),
+    made once for the tests of KPOP and of the attacks."""
+    from fasterase import api
+
+    return api.erase("kpop", ["circle"], out=tmp_path_factory.mktemp("kpop") / "circle.safetensors")
+
+
 @pytest.fixture
 def assert_erased():
     """The bar every method meets on the built-in world (issue: ESR-1 >= 80%, PSR-1 >= 80% of the

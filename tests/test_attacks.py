@@ -109,11 +109,10 @@ def test_inversion_is_deterministic_for_a_seed(fewshot_edit):
 
 
 @pytest.mark.slow
-def test_a_kpop_key_is_reported_as_the_owners_attack(tmp_path, capsys):
+def test_a_kpop_key_is_reported_as_the_owners_attack(kpop_circle, world_sampling, capsys):
     """The key brings the concept back: reported beside the attack, on the same seeds."""
-    edit = tmp_path / "kpop.safetensors"
-    summary = api.erase("kpop", ["circle"], out=edit)
-    result = api.attack(edit, attack="ringabell", options={"generations": 2, "population": 8}, key=summary.key, n=8, sampling=fasterase_sampling())
+    options = {"generations": 2, "population": 8}
+    result = api.attack(kpop_circle.edit, attack="ringabell", options=options, key=kpop_circle.key, n=8, sampling=world_sampling)
     assert set(result["key"]) == {"asr", "baseline", "original"} and result["key"]["baseline"] == result["attacks"]["ringabell"]["baseline"]
     assert result["key"]["asr"] > result["key"]["baseline"], result["key"]
 
@@ -126,9 +125,3 @@ def test_evaluate_runs_attacks_on_its_own_prompts_and_seeds(fewshot_edit, capsys
     outcome = result["attacks"]["circle"]["ringabell"]
     assert outcome["baseline"] == result["concepts"]["circle"]["edited"]["top1"]
     assert outcome["original"] == result["concepts"]["circle"]["original"]["top1"] and 0 <= outcome["asr"] <= 1
-
-
-def fasterase_sampling():
-    from fasterase.config import SamplingConfig
-
-    return SamplingConfig(steps=10)

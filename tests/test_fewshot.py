@@ -72,17 +72,17 @@ def test_sd14_preset_has_the_papers_settings():
 
 
 @pytest.mark.slow
-def test_erases_the_shape_and_keeps_the_others(tmp_path, assert_erased):
+def test_erases_the_shape_and_keeps_the_others(tmp_path, assert_erased, world_sampling):
     summary = api.erase("fewshot", ["circle"], out=tmp_path / "x.safetensors")
-    assert_erased(api.evaluate(summary.edit, n=16))
+    assert_erased(api.evaluate(summary.edit, n=16, sampling=world_sampling))
     from fasterase.edits import load_edit
 
     assert all(k.startswith("text_encoder.") for k in load_edit(summary.edit).tensors)
 
 
 @pytest.mark.slow
-def test_erases_from_a_folder_of_the_worlds_images(tmp_path, assert_erased):
+def test_erases_from_a_folder_of_the_worlds_images(tmp_path, assert_erased, world_sampling):
     write_concept_folder("circle", tmp_path / "circle", count=4)
     summary = api.erase("fewshot", ["circle"], out=tmp_path / "x.safetensors", images=str(tmp_path / "circle"))
     # one preserved shape keeps this test short; the default run above checks all of them
-    assert_erased(api.evaluate(summary.edit, n=16, preserve=["square"]))
+    assert_erased(api.evaluate(summary.edit, n=16, preserve=["square"], sampling=world_sampling))

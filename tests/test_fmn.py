@@ -103,6 +103,6 @@ def test_bad_options():
 
 
 @pytest.mark.slow
-def test_fmn_erases_a_shape(tmp_path, assert_erased):
+def test_fmn_erases_a_shape(tmp_path, assert_erased, world_sampling):
     summary = api.erase("fmn", ["circle"], out=tmp_path / "fmn.safetensors")
-    assert_erased(api.evaluate(summary.edit, n=16))
+    assert_erased(api.evaluate(summary.edit, n=16, sampling=world_sampling))

@@ -37,15 +37,8 @@ def test_kpop_changes_only_its_trainable_set(tiny_pipeline_dir, options):
 
 
 @pytest.fixture(scope="module")
-def circle_edit(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kpop") / "circle.safetensors"
-    summary = api.erase("kpop", ["circle"], out=out)
-    return summary
-
-
-@pytest.fixture(scope="module")
-def circle_report(circle_edit):
-    return api.evaluate(circle_edit.edit, n=32)
+def circle_report(kpop_circle, world_sampling):
+    return api.evaluate(kpop_circle.edit, n=16, sampling=world_sampling)
 
 
 @pytest.mark.slow
@@ -59,28 +52,28 @@ def test_erases_the_shape_and_keeps_the_others(circle_report):
 
 
 @pytest.mark.slow
-def test_writes_edit_and_key_separately(circle_edit):
+def test_writes_edit_and_key_separately(kpop_circle):
     from fasterase.edits import load_edit, load_key
 
-    edit = load_edit(circle_edit.edit)
+    edit = load_edit(kpop_circle.edit)
     assert edit.metadata.method == "kpop" and edit.metadata.concepts == ["circle"]
     assert all(".attn2." in k for k in edit.tensors), "default trainable set: cross-attention only"
-    tensors, metadata = load_key(circle_edit.key)
+    tensors, metadata = load_key(kpop_circle.key)
     assert set(tensors) == {"prompt"} and "prompt" not in " ".join(edit.tensors)
     assert metadata["edit"] == edit.metadata.key
 
 
 @pytest.mark.slow
-def test_the_key_recovers_the_concept(circle_edit, circle_report):
-    with_key = api.evaluate(circle_edit.edit, n=32, preserve=[], key=circle_edit.key)
+def test_the_key_recovers_the_concept(kpop_circle, circle_report, world_sampling):
+    with_key = api.evaluate(kpop_circle.edit, n=16, preserve=[], key=kpop_circle.key, sampling=world_sampling)
     original = circle_report["concepts"]["circle"]["original"]["top1"]
     assert with_key["concepts"]["circle"]["edited"]["top1"] >= 0.70 * original
 
 
 @pytest.mark.slow
-def test_erases_two_shapes_at_once(tmp_path):
+def test_erases_two_shapes_at_once(tmp_path, world_sampling):
     summary = api.erase("kpop", ["circle", "square"], out=tmp_path / "two.safetensors")
-    r = api.evaluate(summary.edit, n=32)
+    r = api.evaluate(summary.edit, n=16, sampling=world_sampling)
     assert r["original"]["esr1"] <= 0.15, "the base model must draw both shapes for the test to mean anything"
     assert r["esr1"] >= 0.90
     assert r["psr1"] >= 0.85 * r["original"]["psr1"]
@@ -88,7 +81,7 @@ def test_erases_two_shapes_at_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_and_generate_commands(circle_edit, tmp_path, capsys):
+def test_evaluate_and_generate_commands(kpop_circle, tmp_path, capsys):
     import json
 
     from PIL import Image
@@ -96,7 +89,7 @@ def test_evaluate_and_generate_commands(circle_edit, tmp_path, capsys):
     from fasterase.cli import main
 
     grid = tmp_path / "eval.png"
-    assert main(["evaluate", "--edit", str(circle_edit.edit), "--n", "2", "--grid", str(grid), "--json"]) == 0
+    assert main(["evaluate", "--edit", str(kpop_circle.edit), "--n", "2", "--grid", str(grid), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     for scores in (result, result["original"]):
         assert all(0 <= scores[k] <= 1 for k in ("esr1", "esr5", "psr1", "psr5"))
@@ -104,5 +97,5 @@ def test_evaluate_and_generate_commands(circle_edit, tmp_path, capsys):
     assert Image.open(grid).size[0] > 0
 
     out = tmp_path / "grid.png"
-    argv = ["generate", "--prompt", "a photo of a circle", "--edit", str(circle_edit.edit), "--key", str(circle_edit.key), "--n", "2", "--out", str(out)]
+    argv = ["generate", "--prompt", "a photo of a circle", "--edit", str(kpop_circle.edit), "--key", str(kpop_circle.key), "--n", "2", "--out", str(out)]
     assert main(argv) == 0 and Image.open(out).size[0] > 0

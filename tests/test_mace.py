@@ -141,18 +141,18 @@ def test_mappings_and_prompt_concepts():
 
 
 @pytest.mark.slow
-def test_mace_erases_a_shape(tmp_path, assert_erased):
+def test_mace_erases_a_shape(tmp_path, assert_erased, world_sampling):
     summary = api.erase("mace", ["circle"], out=tmp_path / "x.safetensors")
-    assert_erased(api.evaluate(summary.edit, n=16))
+    assert_erased(api.evaluate(summary.edit, n=16, sampling=world_sampling))
 
 
 @pytest.mark.slow
-def test_mace_erases_fifty_emblems_and_keeps_fifty(tmp_path):
+def test_mace_erases_fifty_emblems_and_keeps_fifty(tmp_path, world_sampling):
     from fasterase.toyworld.world import EMBLEMS
 
     erased, kept = list(EMBLEMS[:50]), list(EMBLEMS[50:])
     summary = api.erase("mace", erased, preserve=kept, image_count=2, out=tmp_path / "x.safetensors")
-    r = api.evaluate(summary.edit, concepts=erased, preserve=kept, n=4)
+    r = api.evaluate(summary.edit, concepts=erased, preserve=kept, n=4, sampling=world_sampling)
     assert r["original"]["esr1"] <= 0.20
     assert r["esr1"] >= 0.80
     assert r["psr1"] >= 0.80 * r["original"]["psr1"]
