@@ -105,7 +105,8 @@ def _cmd_erase(args) -> int:
 
 
 def _sampling(args):
-    """The sampling options of generate and evaluate, checked (as --n is) before torch is imported."""
+    """The sampling options of generate, evaluate and toyworld report, checked (as --n is) before
+    torch is imported."""
     from .config import SamplingConfig, check_count
 
     check_count("n", args.n)
@@ -302,12 +303,10 @@ def _cmd_toyworld_build(args) -> int:
 
 
 def _cmd_toyworld_report(args) -> int:
-    from .config import check_count
-
-    check_count("n", args.n)
+    sampling = _sampling(args)
     from .toyworld.report import format_report, world_report
 
-    result = world_report(model=args.model, n=args.n)
+    result = world_report(model=args.model, n=args.n, sampling=sampling)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 
@@ -455,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = world_sub.add_parser("report", help="the world's quality bars: classifier accuracy, prompt-following, sampling time")
     q.add_argument("--model", help="a world pipeline folder (default: the packaged one)")
     q.add_argument("--n", type=int, default=32, help="images per shape")
+    _sampling_options(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(run=_cmd_toyworld_report)
     q = world_sub.add_parser("images", help="write a concept's procedural images (and exact masks) to folders, for --images/--masks")

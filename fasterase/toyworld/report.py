@@ -71,5 +71,6 @@ def format_report(r: dict) -> str:
                  f"min {min(r['generated_accuracy'].values()):.1%} (bar: >= 70%) [{ok(met['generated_accuracy_min'])}]")
     lines.append(f"emblems recognised: mean {r['emblem_accuracy_mean']:.1%} over {len(world.EMBLEMS)} emblems "
                  f"(bar: >= 70%) [{ok(met['emblem_accuracy_mean'])}]")
-    lines.append(f"sampling 64 images: {r['sample_64_seconds']:.1f} s (bar: < 60 s) [{ok(met['sample_64_seconds'])}]")
+    drawn = f"{r['sampling']['steps']} steps, guidance {r['sampling']['guidance']:g}"
+    lines.append(f"sampling 64 images ({drawn}): {r['sample_64_seconds']:.1f} s (bar: < 60 s) [{ok(met['sample_64_seconds'])}]")
     return "\n".join(lines)
