@@ -38,6 +38,7 @@ COMMANDS = [
     (GENERATE + ["--guidance", "nan"], "guidance must be a finite number"),
     (GENERATE + ["--guidance", "1e300"], "guidance must be a finite number (within float32's range)"),
     (["toyworld", "report", "--n", "0"], "n must be a whole number of at least 1"),
+    (["toyworld", "report", "--sample-steps", "0"], "steps must be at least 1"),
     (GENERATE + ["--seed", "-1"], "seed must be at least 0"),
     (["evaluate", "--edit", "{tmp}/missing.safetensors", "--n", "0", "--grid", "{tmp}/g.png"], "n must be a whole number of at least 1"),
 ]
