@@ -66,10 +66,11 @@ def family_pipeline_dir(request, family_pipeline_dirs):
 def world_sampling():
     """How the tests that draw hundreds of images of the built-in world (erasures' evaluations,
     the world's report) draw them: 10 DDIM steps instead of the default 25, in 40% of the time,
-    with the same results. Measured: the base model drew 16 of
-    16 of each shape in both, and its emblems (4 each) 85% and 93% (first and last fifty) in 25,
-    84.5% and 93.5% in 10; KPOP's circle edit scored ESR-1 1.0, PSR-1 0.990, and its key brought
-    back 14 of 16 circles, in both. An edit is still compared with its base drawn the same way."""
+    with the same results (benchmarks/results/sampling-steps-cpu-2026-12-07.json): the base model
+    drew 16 of 16 of each shape in both, and its emblems (4 each) 85% and 93% (first and last
+    fifty) in 25, 84.5% and 93.5% in 10; KPOP's circle edit scored ESR-1 1.0 and PSR-1 0.990, and
+    its key brought back 14 of 16 circles, in both. An edit is still compared with its base drawn
+    the same way."""
     from fasterase.config import SamplingConfig
 
     return SamplingConfig(steps=10)
