@@ -71,6 +71,7 @@ def test_the_key_recovers_the_concept(kpop_circle, circle_report, world_sampling
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_erases_two_shapes_at_once(tmp_path, world_sampling):
     summary = api.erase("kpop", ["circle", "square"], out=tmp_path / "two.safetensors")
     r = api.evaluate(summary.edit, n=16, sampling=world_sampling)

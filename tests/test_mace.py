@@ -147,6 +147,7 @@ def test_mace_erases_a_shape(tmp_path, assert_erased, world_sampling):
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_mace_erases_fifty_emblems_and_keeps_fifty(tmp_path, world_sampling):
     from fasterase.toyworld.world import EMBLEMS
 
