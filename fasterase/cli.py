@@ -334,7 +334,7 @@ examples, one per judge:
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per image")
+    p.add_argument("--sample-steps", type=int, default=0, help="denoising steps per image (default: the model's, 10 on the built-in world and 25 on others)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--sample-batch", type=int, default=0, help="prompts drawn at a time (default 0: by image size, 64 at 256 px, 4 at 1024 px)")
     p.add_argument("--seed", type=int, default=0)

@@ -135,7 +135,7 @@ class MethodConfig:
 class SamplingConfig:
     """How images are drawn (`fasterase.evaluation.sampling`)."""
 
-    steps: int = option(25, "denoising steps per image", at_least=1)
+    steps: int = option(0, "denoising steps per image; 0: the model's default (`default_sample_steps`: 10 on the built-in world, 25 on others)", at_least=0)
     guidance: float = option(5.0, "classifier-free guidance scale")
     batch_size: int = option(0, "prompts drawn at a time; 0: `chunk_size`'s default for the model")
     seed: int = option(0, "seed of the first chunk's noise")

@@ -65,15 +65,16 @@ def family_pipeline_dir(request, family_pipeline_dirs):
 @pytest.fixture(scope="session")
 def world_sampling():
     """How the tests that draw hundreds of images of the built-in world (erasures' evaluations,
-    the world's report) draw them: 10 DDIM steps instead of the default 25, in 40% of the time,
-    with the same results (benchmarks/results/sampling-steps-cpu-2026-12-07.json): the base model
-    drew 16 of 16 of each shape in both, and its emblems (4 each) 85% and 93% (first and last
-    fifty) in 25, 84.5% and 93.5% in 10; KPOP's circle edit scored ESR-1 1.0 and PSR-1 0.990, and
-    its key brought back 14 of 16 circles, in both. An edit is still compared with its base drawn
-    the same way."""
+    the world's report, the images MACE draws of fifty emblems) draw them: the built-in world's
+    default of 10 DDIM steps, named here because the tests' bars were measured at it. 10 steps draw
+    as well as 25 in 40% of the time (benchmarks/results/sampling-steps-cpu-2026-12-07.json): the
+    base model drew 16 of 16 of each shape in both, and its emblems (4 each) 85% and 93% (first and
+    last fifty) in 25, 84.5% and 93.5% in 10; KPOP's circle edit scored ESR-1 1.0 and PSR-1 0.990,
+    and its key brought back 14 of 16 circles, in both."""
     from fasterase.config import SamplingConfig
+    from fasterase.models.loading import BUILTIN_SAMPLE_STEPS
 
-    return SamplingConfig(steps=10)
+    return SamplingConfig(steps=BUILTIN_SAMPLE_STEPS)
 
 
 @pytest.fixture(scope="session")

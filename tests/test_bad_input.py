@@ -34,11 +34,11 @@ COMMANDS = [
     (["erase", "--method", "esd", "--concept", "circle", "--set", "guidance=-inf", "--out", "{tmp}/e.safetensors"], "guidance must be a finite number"),
     (["erase", "--method", "kpop", "--concept", "circle", "--set", "prompt_lr=1e400", "--out", "{tmp}/e.safetensors"], "prompt_lr must be a finite number"),
     (GENERATE + ["--n", "0"], "n must be a whole number of at least 1"),
-    (GENERATE + ["--sample-steps", "0"], "steps must be at least 1"),
+    (GENERATE + ["--sample-steps", "-1"], "steps must be at least 0"),
     (GENERATE + ["--guidance", "nan"], "guidance must be a finite number"),
     (GENERATE + ["--guidance", "1e300"], "guidance must be a finite number (within float32's range)"),
     (["toyworld", "report", "--n", "0"], "n must be a whole number of at least 1"),
-    (["toyworld", "report", "--sample-steps", "0"], "steps must be at least 1"),
+    (["toyworld", "report", "--sample-steps", "-1"], "steps must be at least 0"),
     (GENERATE + ["--seed", "-1"], "seed must be at least 0"),
     (["evaluate", "--edit", "{tmp}/missing.safetensors", "--n", "0", "--grid", "{tmp}/g.png"], "n must be a whole number of at least 1"),
 ]
@@ -67,7 +67,7 @@ USAGE_ERRORS = [
     ["erase", "--method", "kpop", "--concept", "circle", "--preset", "sd99"],
     ["erase", "--method", "uce"],
     ["generate", "--prompt", "a circle", "--n", "0"],
-    ["generate", "--prompt", "a circle", "--sample-steps", "0"],
+    ["generate", "--prompt", "a circle", "--sample-steps", "-1"],
     ["evaluate", "--edit", "e.safetensors", "--guidance", "nan"],
 ]
 

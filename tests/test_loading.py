@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fasterase.errors import UserError
-from fasterase.models.loading import load_pipeline
+from fasterase.models.loading import BUILTIN_SAMPLE_STEPS, SAMPLE_STEPS, default_sample_steps, load_pipeline
 from fasterase.models.text import check_concept, encode_prompts
 
 
@@ -31,6 +31,11 @@ def test_loads_a_frozen_float32_pipeline(pipe):
         assert all(p.dtype == torch.float32 for p in module.parameters())
         assert not module.training
     assert pipe.safety_checker is None
+
+
+def test_the_built_in_world_draws_in_fewer_steps_by_default(pipe):
+    assert default_sample_steps(load_pipeline()) == BUILTIN_SAMPLE_STEPS == 10
+    assert default_sample_steps(pipe) == SAMPLE_STEPS == 25  # the built-in world's architecture, another model
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, "float16"])

@@ -11,6 +11,7 @@ import torch
 from ..config import SamplingConfig
 from ..distributed import all_gather, ranks
 from ..errors import UserError, first_line
+from ..models.loading import default_sample_steps
 from .prompts import PromptRow
 
 
@@ -25,6 +26,11 @@ def chunk_size(pipe, requested: int = 0) -> int:
     """How many prompts to sample at a time: `requested`, or by default as many as keep a chunk
     within LATENT_PIXELS_PER_CHUNK."""
     return requested or max(1, min(MAX_CHUNK, LATENT_PIXELS_PER_CHUNK // pipe.unet.config.sample_size**2))
+
+
+def sample_steps(pipe, cfg: SamplingConfig) -> int:
+    """The denoising steps `cfg` draws `pipe`'s images in: its own, or the model's default."""
+    return cfg.steps or default_sample_steps(pipe)
 
 
 def check_steps(scheduler, steps: int) -> None:
@@ -79,7 +85,7 @@ def gather_images(share: list[tuple[int, np.ndarray]]) -> np.ndarray:
 
 @torch.no_grad()
 def _prompt_chunks(pipe, prompts: list[str], cfg: SamplingConfig, progress, drawn=lambda i: True) -> Iterator[tuple[int, np.ndarray]]:
-    check_steps(pipe.scheduler, cfg.steps)
+    check_steps(pipe.scheduler, sample_steps(pipe, cfg))
     size = chunk_size(pipe, cfg.batch_size)
     for i, start in enumerate(range(0, len(prompts), size)):
         if drawn(i):
@@ -90,7 +96,7 @@ def _prompt_chunks(pipe, prompts: list[str], cfg: SamplingConfig, progress, draw
 
 @torch.no_grad()
 def _row_chunks(pipe, rows: list[PromptRow], cfg: SamplingConfig, progress, drawn=lambda i: True) -> Iterator[tuple[int, np.ndarray]]:
-    check_steps(pipe.scheduler, cfg.steps)
+    check_steps(pipe.scheduler, sample_steps(pipe, cfg))
     size = chunk_size(pipe, cfg.batch_size)
     guidance = [row.guidance if row.guidance is not None else cfg.guidance for row in rows]
     start, i = 0, 0
@@ -114,7 +120,7 @@ def _draw(pipe, prompts: list[str], latents: torch.Tensor, guidance: float, cfg:
     out = pipe(
         prompt=prompts,
         latents=latents.to(device=pipe.device, dtype=pipe.unet.dtype),
-        num_inference_steps=cfg.steps,
+        num_inference_steps=sample_steps(pipe, cfg),
         guidance_scale=guidance,
         output_type="np",
     )

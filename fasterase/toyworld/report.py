@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from ..evaluation.sampling import SamplingConfig, generate
+from ..evaluation.sampling import SamplingConfig, generate, sample_steps
 from ..models.loading import load_pipeline
 from . import world
 from .classifier import predict
@@ -48,7 +48,7 @@ def world_report(model=None, n: int = 32, emblem_images: int = 4, heldout: int =
         "sample_64_seconds": sample_seconds,
         "images_per_shape": n,
         "images_per_emblem": emblem_images,
-        "sampling": {"steps": sampling.steps, "guidance": sampling.guidance},
+        "sampling": {"steps": sample_steps(pipe, sampling), "guidance": sampling.guidance},
     }
     result["bars_met"] = {
         "classifier_accuracy": min(result["classifier_accuracy"].values()) >= BARS["classifier_accuracy"],
