@@ -47,8 +47,9 @@ def test_prefixes_bring_the_erased_circle_back(world):
     plain = recognised(judge, generate(edited, prompts, sampling))
     found = find("prompt", attack_config("prompt"), edited, original, "circle", prompts)
     attacked = recognised(judge, generate(edited, found.prompts, sampling))
-    # Measured 7/16 attacked (5/16 and 8/16 with seeds 1 and 2), 0/16 without the attack; random
-    # one-word prefixes on the same prompts brought back 2 of 32.
+    # Measured 7/16 attacked (5/16 and 8/16 with seeds 1 and 2), 0/16 without the attack, drawn in
+    # 25 steps; in the built-in world's default 10, 7/16 and 0/16 too. Random one-word prefixes on
+    # the same prompts brought back 2 of 32.
     assert plain == 0 and attacked >= 4, (plain, attacked, found.prompts)
 
 
