@@ -18,7 +18,7 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 def test_defaults():
     cfg = make_config(KPOPConfig)
     assert cfg == KPOPConfig()
-    assert cfg.steps == 150 and cfg.inject == "all" and cfg.concepts == []
+    assert cfg.steps == 100 and cfg.inject == "all" and cfg.concepts == []
     # Lists are fresh per instance.
     cfg.templates.append("{} again")
     assert "{} again" not in KPOPConfig().templates

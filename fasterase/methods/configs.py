@@ -205,7 +205,10 @@ class FMNConfig(ImageMethodConfig):
 
 @dataclass
 class KPOPConfig(TrajectoryConfig):
-    steps: int = option(150, "iterations (one transfer and one removal update each)", at_least=1)
+    # 100 steps with the prompt at 3e-2 score as 150 at 1e-2 did on the built-in world (ESR, PSR,
+    # look-alikes, the key's recovery; benchmarks/results/defaults-halved-cpu-2026-12-07.json) in 2/3
+    # of the time; with 100 steps at 1e-2 the key brought back 56% of the circles, not 91%.
+    steps: int = option(100, "iterations (one transfer and one removal update each)", at_least=1)
     neutral: str = option("", "the concept the erased one is mapped to; '' is the empty prompt")
     prompt_mode: str = option("concat", "'concat' (prompt tokens appended to the text keys) or 'additive'")
     prompt_length: int = option(10, "concat prompt length in multiples of the text context (k: k x 77 tokens)", at_least=1)
@@ -217,7 +220,7 @@ class KPOPConfig(TrajectoryConfig):
     negative_guidance: float = option(0.5, "eta: the removal target is eps(c_n) - eta (eps(c_e) - eps(c_n)), past the neutral prompt away from the concept (see above); 0 is the paper's")
     neutral_weight: float = option(0.0, "weight of keeping the neutral prompt's own prediction in the removal step")
     lr: float = option(2e-3, "Adam learning rate of the model (the paper's 1e-5 is for SD; preset sd14)", positive=True)
-    prompt_lr: float = option(1e-2, "Adam learning rate of the prompt", positive=True)
+    prompt_lr: float = option(3e-2, "Adam learning rate of the prompt", positive=True)
 
     def prompt_concepts(self) -> list[str]:
         return super().prompt_concepts() + ([self.neutral] if self.neutral else [])
