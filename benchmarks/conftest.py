@@ -15,6 +15,7 @@ failed or `--benchmark-disable`d benchmark leaves no row.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import platform
 import re
@@ -92,6 +93,12 @@ def pytest_sessionfinish(session, exitstatus):
     gpu = re.sub(r"[^A-Za-z0-9.]+", "-", env["gpu"] or "cpu").strip("-")
     RESULTS.mkdir(exist_ok=True)
     for op, rows in _ROWS.items():
-        path = RESULTS / f"{op}-{gpu}-{env['date'][:10]}.json"
+        # A run never overwrites another's record (one of another machine, the same day).
+        stem = f"{op}-{gpu}-{env['date'][:10]}"
+        path = RESULTS / f"{stem}.json"
+        for n in itertools.count(2):
+            if not path.exists():
+                break
+            path = RESULTS / f"{stem}-{n}.json"
         path.write_text(json.dumps({"op": op, **env, "rows": rows}, indent=1) + "\n")
         print(f"\nbenchmarks: {len(rows)} results in {path}")
