@@ -36,6 +36,9 @@ def test_loads_a_frozen_float32_pipeline(pipe):
 def test_the_built_in_world_draws_in_fewer_steps_by_default(pipe):
     assert default_sample_steps(load_pipeline()) == BUILTIN_SAMPLE_STEPS == 10
     assert default_sample_steps(pipe) == SAMPLE_STEPS == 25  # the built-in world's architecture, another model
+    from fasterase.toyworld.recipe import assemble_pipeline
+
+    assert default_sample_steps(assemble_pipeline(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae)) == SAMPLE_STEPS  # from no folder
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, "float16"])

@@ -15,8 +15,8 @@ conditional and the unconditional prediction, draws the shapes back; eta 0.5 giv
 the pair (PSR-1 0.91) and keeps one shape's numbers (ESR-1 1.0, PSR-1 0.99, key 0.91). Training
 only the key/value projections (trainable cross_attention_kv) moves the empty prompt less: the
 pair then reaches ESR-1 1.0 with PSR-1 1.0 and look-alikes kept, but the key recovers less (0.78).
-The defaults since, 100 steps with prompt_lr 3e-2, give the same (pair: ESR-1 0.98, PSR-1 0.93). Optionally (neutral_weight > 0)
-the removal step also keeps the neutral prompt where it was,
+The defaults since, 100 steps with prompt_lr 3e-2, give the same (pair: ESR-1 0.98, PSR-1 0.93).
+Optionally (neutral_weight > 0) the removal step also keeps the neutral prompt where it was,
 + neutral_weight ||eps'(x_t, c_n) - eps(x_t, c_n)||^2.
 With concepts to preserve, the removal step also keeps the original model on them,
 + preserve_weight ||eps'(x_t, c_p) - eps(x_t, c_p)||^2, an addition to the paper's objective that

@@ -40,8 +40,10 @@ BUILTIN_SAMPLE_STEPS = 10
 
 
 def default_sample_steps(pipe) -> int:
-    """The steps `pipe` draws in when none are asked for: fewer for the built-in world."""
-    return BUILTIN_SAMPLE_STEPS if Path(pipe.name_or_path).resolve() == builtin_model_dir().resolve() else SAMPLE_STEPS
+    """The steps `pipe` draws in when none are asked for: fewer for the built-in world (the folder
+    diffusers loaded it from; a pipeline put together in memory has none)."""
+    folder = pipe.name_or_path
+    return BUILTIN_SAMPLE_STEPS if folder and Path(folder).resolve() == builtin_model_dir().resolve() else SAMPLE_STEPS
 
 
 def _finish(pipe, device: str | torch.device, where: Path):
