@@ -28,7 +28,7 @@ from .evaluation.judges import load_judge
 from .evaluation.prompts import read_prompt_set
 from .evaluation.quality import NO_CLIP, clip_scores, drift, image_features, scorer_for
 from .evaluation.report import Share, concept_prompts, first_images, plan_for, recognition, report as make_report, sample_concepts
-from .evaluation.sampling import generate as sample_images
+from .evaluation.sampling import generate as sample_images, sample_steps
 from .lora import save_lora
 from .methods import CONFIGS, Progress, erase_config, get_method
 from .models.fingerprint import Fingerprints, fingerprints
@@ -390,7 +390,10 @@ def compare(
         else:
             quality = {"clip_score": NO_CLIP, "preserved_drift": NO_CLIP}
         edited_rates = recognition(judge, edited_images)
-        results.append({**make_report(plan, original, edited_rates), "quality": quality, "edit": str(path), "method": e.metadata.method})
+        results.append({
+            **make_report(plan, original, edited_rates), "quality": quality, "edit": str(path), "method": e.metadata.method,
+            "sampling": {"steps": sample_steps(pipe, sampling), "guidance": sampling.guidance},  # the steps: the model's default unless given
+        })
         if attacks:
             results[-1]["attacks"] = {
                 c: {

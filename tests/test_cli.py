@@ -142,6 +142,7 @@ def test_evaluate_compares_several_edits_in_one_table(capsys, tmp_path):
     assert main(["evaluate", *edits, "--n", "2", "--sample-steps", "4", "--grid", str(tmp_path / "g.png"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [e["method"] for e in result["edits"]] == ["kpop", "uce"]
+    assert all(e["sampling"] == {"steps": 4, "guidance": 5.0} for e in result["edits"])
     assert all(e["original"] == result["original"] for e in result["edits"]), "one base-model sampling for all"
     assert (tmp_path / "g.png").exists()
     assert main(["evaluate", *edits, "--n", "2", "--sample-steps", "4", "--grid", str(tmp_path / "g.png")]) == 0

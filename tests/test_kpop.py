@@ -95,6 +95,7 @@ def test_evaluate_and_generate_commands(kpop_circle, tmp_path, capsys):
     for scores in (result, result["original"]):
         assert all(0 <= scores[k] <= 1 for k in ("esr1", "esr5", "psr1", "psr5"))
     assert result["concepts"]["circle"]["role"] == "erased" and "ring" in result["lookalikes"]
+    assert result["sampling"] == {"steps": 10, "guidance": 5.0}  # the built-in world's default steps
     assert Image.open(grid).size[0] > 0
 
     out = tmp_path / "grid.png"
