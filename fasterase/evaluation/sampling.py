@@ -85,18 +85,20 @@ def gather_images(share: list[tuple[int, np.ndarray]]) -> np.ndarray:
 
 @torch.no_grad()
 def _prompt_chunks(pipe, prompts: list[str], cfg: SamplingConfig, progress, drawn=lambda i: True) -> Iterator[tuple[int, np.ndarray]]:
-    check_steps(pipe.scheduler, sample_steps(pipe, cfg))
+    steps = sample_steps(pipe, cfg)
+    check_steps(pipe.scheduler, steps)
     size = chunk_size(pipe, cfg.batch_size)
     for i, start in enumerate(range(0, len(prompts), size)):
         if drawn(i):
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
             latents = torch.randn((len(prompts[start : start + size]), *_latent_shape(pipe)), generator=generator)
-            yield start, _draw(pipe, prompts[start : start + size], latents, cfg.guidance, cfg, progress)
+            yield start, _draw(pipe, prompts[start : start + size], latents, cfg.guidance, steps, progress)
 
 
 @torch.no_grad()
 def _row_chunks(pipe, rows: list[PromptRow], cfg: SamplingConfig, progress, drawn=lambda i: True) -> Iterator[tuple[int, np.ndarray]]:
-    check_steps(pipe.scheduler, sample_steps(pipe, cfg))
+    steps = sample_steps(pipe, cfg)
+    check_steps(pipe.scheduler, steps)
     size = chunk_size(pipe, cfg.batch_size)
     guidance = [row.guidance if row.guidance is not None else cfg.guidance for row in rows]
     start, i = 0, 0
@@ -107,7 +109,7 @@ def _row_chunks(pipe, rows: list[PromptRow], cfg: SamplingConfig, progress, draw
         if drawn(i):
             seeds = [row.seed if row.seed is not None else cfg.seed + start + j for j, row in enumerate(rows[start:end])]
             latents = torch.cat([torch.randn((1, *_latent_shape(pipe)), generator=torch.Generator(device="cpu").manual_seed(s)) for s in seeds])
-            yield start, _draw(pipe, [row.prompt for row in rows[start:end]], latents, guidance[start], cfg, progress)
+            yield start, _draw(pipe, [row.prompt for row in rows[start:end]], latents, guidance[start], steps, progress)
         start, i = end, i + 1
 
 
@@ -115,12 +117,12 @@ def _latent_shape(pipe) -> tuple[int, int, int]:
     return (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
 
 
-def _draw(pipe, prompts: list[str], latents: torch.Tensor, guidance: float, cfg: SamplingConfig, progress) -> np.ndarray:
+def _draw(pipe, prompts: list[str], latents: torch.Tensor, guidance: float, steps: int, progress) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         prompt=prompts,
         latents=latents.to(device=pipe.device, dtype=pipe.unet.dtype),
-        num_inference_steps=sample_steps(pipe, cfg),
+        num_inference_steps=steps,
         guidance_scale=guidance,
         output_type="np",
     )
